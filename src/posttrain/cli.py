@@ -1,0 +1,194 @@
+"""`posttrain <command>`: parse flags and YAML into config dataclasses, then call a recipe.
+
+Heavy packages are imported only once a command is chosen, so `posttrain --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from posttrain.config import FLAG_ALIASES, ConfigError, check_keys, field_names, unknown_key_error
+
+# command -> (module, config class name, function name, one-line description)
+TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "sft": ("posttrain.recipes.sft", "SFTConfig", "sft", "supervised fine-tuning on chat, prompt-completion or text data"),
+}
+TOOL_COMMANDS: dict[str, str] = {
+    "validate": "check a data file: format, row-numbered errors, truncation report",
+    "mask-preview": "show which tokens of each example are trained",
+    "demo": "fine-tune the embedded SmolLM2-135M-Instruct on bundled data",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: posttrain <command> [--config run.yaml] [--flag value ...]", "", "commands:"]
+    for name, (*_, desc) in TRAIN_COMMANDS.items():
+        lines.append(f"  {name:<14}{desc}")
+    for name, desc in TOOL_COMMANDS.items():
+        lines.append(f"  {name:<14}{desc}")
+    lines += ["", "`posttrain <command> --help` lists that command's flags."]
+    return "\n".join(lines)
+
+
+def _normalise_flags(argv: list[str]) -> list[str]:
+    """Rewrite TRL/transformers alias flags (e.g. --dataset_train_split) to posttrain's names."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            name = FLAG_ALIASES.get(name, name)
+            arg = f"--{name}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+def _load_yaml(path: str, config_cls: type) -> dict[str, Any]:
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return check_keys(values, config_cls, path)
+
+
+def parse_config(config_cls: type, argv: list[str], prog: str = "posttrain") -> Any:
+    """Build a config from `--config FILE` (YAML) overridden by flags; unknown keys are errors."""
+    from transformers import HfArgumentParser
+
+    argv = _normalise_flags(argv)
+    yaml_values: dict[str, Any] = {}
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        rest = []
+        it = iter(argv)
+        for arg in it:
+            if arg == "--config":
+                path = next(it, None)
+                if path is None:
+                    raise ConfigError("--config needs a file path")
+                yaml_values.update(_load_yaml(path, config_cls))
+            elif arg.startswith("--config="):
+                yaml_values.update(_load_yaml(arg.split("=", 1)[1], config_cls))
+            else:
+                rest.append(arg)
+        argv = rest
+    # allow_abbrev=False: a misspelt prefix must be an error, never silently another flag.
+    parser = HfArgumentParser(config_cls, prog=prog, allow_abbrev=False)
+    parser.set_defaults(**yaml_values)
+    (config, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    for arg in remaining:
+        if arg.startswith("-"):
+            raise unknown_key_error(arg.lstrip("-").split("=")[0], field_names(config_cls), prog, flag=True)
+        raise ConfigError(f"{prog}: unexpected argument {arg!r} (flags take the form --name value)")
+    return config
+
+
+@dataclass
+class ValidateArgs:
+    path: str = ""
+    kind: str = "sft"
+    dataset_split: str = "train"
+    tokenizer_name_or_path: str | None = None
+    max_length: int | None = None
+
+
+@dataclass
+class MaskPreviewArgs:
+    path: str = ""
+    rows: int = 3
+    tokenizer_name_or_path: str | None = None
+    assistant_only_loss: bool = False
+    completion_only_loss: bool = True
+    max_length: int | None = None
+
+
+def _positional_path(argv: list[str]) -> list[str]:
+    """`posttrain validate FILE ...` → `--path FILE ...`."""
+    if argv and not argv[0].startswith("-"):
+        return ["--path", argv[0], *argv[1:]]
+    return argv
+
+
+def _run_validate(argv: list[str]) -> int:
+    args = parse_config(ValidateArgs, _positional_path(argv), prog="posttrain validate")
+    if not args.path:
+        raise ConfigError("posttrain validate: give the data file, e.g. `posttrain validate data.jsonl`")
+    from posttrain.data.commands import run_validate
+
+    return run_validate(args.path, kind=args.kind, split=args.dataset_split,
+                        tokenizer_name_or_path=args.tokenizer_name_or_path, max_length=args.max_length)
+
+
+def _run_mask_preview(argv: list[str]) -> int:
+    args = parse_config(MaskPreviewArgs, _positional_path(argv), prog="posttrain mask-preview")
+    if not args.path:
+        raise ConfigError("posttrain mask-preview: give the data file")
+    from posttrain.data.commands import run_mask_preview
+
+    return run_mask_preview(args.path, rows=args.rows, tokenizer_name_or_path=args.tokenizer_name_or_path,
+                            assistant_only_loss=args.assistant_only_loss,
+                            completion_only_loss=args.completion_only_loss, max_length=args.max_length)
+
+
+def _run_demo(argv: list[str]) -> int:
+    from posttrain.demo.run import main as demo_main
+
+    return demo_main(argv)
+
+
+TOOL_RUNNERS: dict[str, Callable[[list[str]], int]] = {
+    "validate": _run_validate,
+    "mask-preview": _run_mask_preview,
+    "demo": _run_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in TRAIN_COMMANDS:
+            module_name, config_name, fn_name, _ = TRAIN_COMMANDS[command]
+            module = importlib.import_module(module_name)
+            config_cls = getattr(importlib.import_module("posttrain.config"), config_name)
+            config = parse_config(config_cls, rest, prog=f"posttrain {command}")
+            getattr(module, fn_name)(config)
+            return 0
+        if command in TOOL_RUNNERS:
+            return TOOL_RUNNERS[command](rest)
+        valid = list(TRAIN_COMMANDS) + list(TOOL_RUNNERS)
+        from posttrain.config import closest_key
+
+        guess = closest_key(command, valid)
+        print(f"posttrain: unknown command {command!r}" + (f"; did you mean {guess}?" if guess else ""),
+              file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 — known user-facing errors print one line
+        from posttrain.errors import user_errors
+
+        if isinstance(exc, user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Typed run configuration: one dataclass per concern, composed per method.
+
+Every field carries its help text in `metadata["help"]`; the command line and `--config run.yaml`
+are generated from these dataclasses (transformers' HfArgumentParser), so a flag, a YAML key and a
+Python keyword are the same name. Names follow TRL / Hugging Face where the concept is shared, so
+a `trl sft ...` command line runs with the program name changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (shown by --help and in docs)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: list(value) if isinstance(value, list) else dict(value),
+                     metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how it is loaded."""
+
+    model_name_or_path: str | None = _f(
+        None, "Hub id, local directory or .gguf file. Unset: the embedded SmolLM2-135M-Instruct.")
+    model_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use; default: the model's own.")
+    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a bf16 GPU), float32, bfloat16, float16.")
+    attn_implementation: str | None = _f(None, "Attention backend: sdpa, eager, flash_attention_2, ...")
+    trust_remote_code: bool = _f(False, "Run code shipped with a hub model. Off unless given.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    use_peft: bool = _f(False, "Train a LoRA adapter (peft) instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch.")
+    lora_target_modules: list[str] | None = _f(
+        None, "Module names to adapt (e.g. q_proj v_proj); default: all linear layers.")
+    merge_adapter: bool = _f(False, "With --use_peft, also save the adapter merged into full weights.")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how it becomes token batches."""
+
+    dataset_name: str | None = _f(None, "A JSONL/JSON/CSV/Parquet file, a directory of them, or a hub dataset.")
+    dataset_config: str | None = _f(None, "Hub dataset configuration name.")
+    dataset_split: str = _f("train", "Split to train on (alias: --dataset_train_split).")
+    max_length: int | None = _f(1024, "Longest sequence in tokens; longer rows are truncated (reported).")
+    truncation_side: str = _f("right", "Which end to cut over-long rows from: right or left.")
+    packing: bool = _f(False, "Pack examples into rows of max_length (best-fit decreasing), padding-free.")
+    padding_free: bool = _f(False, "Concatenate each batch into one row without padding (implied by --packing).")
+    completion_only_loss: bool | None = _f(
+        None, "Prompt-completion data: train on the completion only (default True).")
+    assistant_only_loss: bool = _f(False, "Conversational data: train on assistant turns only.")
+    dataset_text_field: str = _f("text", "Column holding raw text for language-modelling data.")
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop, logging and checkpoints shared by every method."""
+
+    output_dir: str = _f("runs/posttrain", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    seed: int = _f(42, "Random seed for initialisation, shuffling and sampling.")
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
+    lr_scheduler_type: str = _f("linear", "Schedule after warmup: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = _f(0.0, "Fraction of the optimizer steps spent warming up linearly.")
+    warmup_steps: int = _f(0, "Warmup steps (overrides --warmup_ratio when > 0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    per_device_train_batch_size: int = _f(
+        8, "Sequences per micro-batch per device (packed rows when --packing).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 means --num_train_epochs decides.")
+    num_train_epochs: float = _f(3.0, "Passes over the data when --max_steps is not set.")
+    bf16: bool | None = _f(None, "bf16 mixed precision; default: on where the hardware has it (CUDA).")
+    fp16: bool = _f(False, "fp16 mixed precision (CUDA only).")
+    logging_steps: int = _f(10, "Write a metrics line every this many optimizer steps.")
+    save_steps: int = _f(500, "Write a checkpoint every this many optimizer steps (0: only at the end).")
+    save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted).")
+    resume_from_checkpoint: str | None = _f(None, "Checkpoint dir to resume from, or 'latest'.")
+    report_to: list[str] = _f(["none"], "Trackers: none, tensorboard, wandb, trackio, mlflow (several allowed).")
+    run_name: str | None = _f(None, "Run name shown by trackers.")
+    logprob_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs over the vocabulary.")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+
+
+@dataclass
+class SFTConfig(ModelConfig, DataConfig, TrainingConfig):
+    """Supervised fine-tuning (`posttrain sft`)."""
+
+    output_dir: str = _f("runs/sft", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+
+
+# Names TRL / transformers accept that mean the same as one of ours.
+FLAG_ALIASES: dict[str, str] = {
+    "dataset_train_split": "dataset_split",
+    "torch_dtype": "dtype",
+}
+
+
+class ConfigError(ValueError):
+    """A config key, flag or value that posttrain cannot use; the message names the fix."""
+
+
+def field_names(config_cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_cls)]
+
+
+def closest_key(name: str, valid: list[str]) -> str | None:
+    """The valid key nearest to a misspelt one, for 'did you mean' messages."""
+    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_key_error(name: str, valid: list[str], where: str, flag: bool = False) -> ConfigError:
+    prefix = "--" if flag else ""
+    guess = closest_key(name, valid)
+    hint = f"; did you mean {prefix}{guess}?" if guess else ""
+    return ConfigError(f"{where}: unknown {'flag' if flag else 'key'} {prefix}{name}{hint}")
+
+
+def _base_type_name(hint: Any) -> str:
+    """'int', 'float', 'bool', 'str' or 'list' for a field hint such as `int | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return "list"
+    if args and typing.get_origin(hint) is not list:
+        return _base_type_name(args[0])
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, annotation: str, key: str, where: str) -> Any:
+    """YAML reads `1e-5` as a string and a lone item as a scalar: bring values to the field's type."""
+    if value is None:
+        return None
+    try:
+        if annotation.startswith("list"):
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
+        if annotation.startswith("float"):
+            return float(value)
+        if annotation.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return int(value)
+        if annotation.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1"):
+                    return True
+                if value.lower() in ("false", "no", "0"):
+                    return False
+                raise ValueError(f"{value!r} is not true/false")
+            return bool(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {key}: expected {annotation}, got {value!r} ({exc})") from None
+    return value
+
+
+def check_keys(values: dict[str, Any], config_cls: type, where: str) -> dict[str, Any]:
+    """Map aliases to canonical names, reject unknown keys (naming the closest valid key) and
+    coerce values to the field types."""
+    fields = {name: _base_type_name(hint) for name, hint in typing.get_type_hints(config_cls).items()}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = FLAG_ALIASES.get(key, key)
+        if key not in fields:
+            raise unknown_key_error(key, list(fields), where)
+        out[key] = _coerce(value, fields[key], key, where)
+    return out
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def validate_training_config(config: TrainingConfig) -> None:
+    """Reject values that would make a run silently wrong, with the field named."""
+    if config.per_device_train_batch_size < 1:
+        raise ConfigError("per_device_train_batch_size must be >= 1")
+    if config.gradient_accumulation_steps < 1:
+        raise ConfigError("gradient_accumulation_steps must be >= 1")
+    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+        raise ConfigError("set --max_steps > 0 or --num_train_epochs > 0")
+    if config.logging_steps < 1:
+        raise ConfigError("logging_steps must be >= 1")
+    if config.save_steps < 0:
+        raise ConfigError("save_steps must be >= 0")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ConfigError("warmup_ratio must be in [0, 1)")
+    valid_trackers = {"none", "tensorboard", "wandb", "trackio", "mlflow", "all"}
+    for name in config.report_to:
+        if name not in valid_trackers:
+            guess = closest_key(name, sorted(valid_trackers))
+            raise ConfigError(f"report_to: unknown tracker {name!r}" + (f"; did you mean {guess}?" if guess else ""))

@@ -1,0 +1,81 @@
+"""Verifiable demo tasks, generated deterministically: small arithmetic with a strict answer format.
+
+Correctness is checked exactly (`check_answer`), independent of any learned reward, so a gain on
+held-out prompts is a measured fact rather than a model's opinion.
+
+Regenerate the bundled files with `python -m posttrain.demo.tasks` (seeded; same files every time).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+ANSWER_RE = re.compile(r"####\s*(-?\d+)")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+TEMPLATES = [
+    "What is {a} {op} {b}? End your reply with '#### <number>'.",
+    "Compute {a} {op} {b}. Finish with the result written as #### <number>.",
+    "Calculate {a} {op} {b} and give the final answer after ####.",
+]
+
+
+def make_problem(rng: random.Random) -> dict:
+    op = rng.choice(["+", "+", "-", "*"])
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    else:
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+    answer = OPS[op](a, b)
+    prompt = rng.choice(TEMPLATES).format(a=a, op=op, b=b)
+    return {"prompt": prompt, "answer": str(answer), "a": a, "b": b, "op": op}
+
+
+def solution_text(problem: dict) -> str:
+    a, op, b, ans = problem["a"], problem["op"], problem["b"], problem["answer"]
+    return f"{a} {op} {b} = {ans}.\n#### {ans}"
+
+
+def extract_answer(text: str) -> str | None:
+    match = ANSWER_RE.search(text)
+    return match.group(1) if match else None
+
+
+def check_answer(completion: str, answer: str) -> bool:
+    """True when the completion states the right number in the required `#### N` form."""
+    return extract_answer(completion) == str(answer)
+
+
+def generate(seed: int = 1234, n_train: int = 512, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    problems = []
+    while len(problems) < n_train + n_eval:
+        p = make_problem(rng)
+        key = f"{p['a']}{p['op']}{p['b']}"
+        if key in seen:  # held-out prompts never appear in training, in any wording
+            continue
+        seen.add(key)
+        problems.append(p)
+    train = [{"messages": [{"role": "user", "content": p["prompt"]},
+                           {"role": "assistant", "content": solution_text(p)}]} for p in problems[:n_train]]
+    held_out = [{"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]}
+                for p in problems[n_train:]]
+    return train, held_out
+
+
+def write_files(out_dir: Path = DATA_DIR) -> None:
+    train, held_out = generate()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("sft_train.jsonl", train), ("eval_prompts.jsonl", held_out)):
+        with (out_dir / name).open("w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    write_files()
+    print(f"wrote {DATA_DIR}")

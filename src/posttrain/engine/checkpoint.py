@@ -1,0 +1,94 @@
+"""Checkpoints for exact resume, written atomically.
+
+A checkpoint is accelerate's saved state (model weights as safetensors, optimizer, scheduler and
+every process's RNG states) plus `trainer_state.json` (the step — which fixes the data position,
+see batching.py — token count, elapsed time). It is written into a temporary directory and renamed
+into place, so a crash mid-write never leaves a checkpoint that looks complete; a failed run keeps
+its last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary dirs are never listed)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_FILE).exists():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """`latest`/`true` → newest checkpoint in output_dir (None if there is none); a path → that path."""
+    if resume_from_checkpoint is None or resume_from_checkpoint.lower() in ("", "false", "no"):
+        return None
+    if resume_from_checkpoint.lower() in ("latest", "true", "yes"):
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).exists():
+        raise CheckpointError(f"{path}: not a complete posttrain checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
+                    save_total_limit: int | None = None) -> Path:
+    """Save the full training state for `step` atomically; returns the checkpoint dir."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if save_total_limit:
+            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG states; returns trainer_state.json's content."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read {STATE_FILE}: {exc}") from None
+    accelerator.load_state(str(path))
+    return state
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Half-written checkpoints from a run that died while saving."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for path in root.glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)

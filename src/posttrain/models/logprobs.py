@@ -1,0 +1,321 @@
+"""Per-token log-probs (and entropy, argmax accuracy) without materialising full logits.
+
+A causal LM's log-prob of its next token is ``log_softmax(h @ W.T / tau)[y]``. Computing the
+(B, T, V) logits in fp32 costs B*T*V*4 bytes (8 GiB for 16k tokens of a 128k vocabulary) and
+autograd would keep them for backward. Here the logits live one chunk of rows at a time, in
+the forward and again (recomputed) in the backward; only the log-sum-exp (one float per token)
+is kept. The log-softmax is always computed in fp32 (pitfall 11).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Attention backends whose transformers integration turns position_ids that restart at 0 into
+# per-example attention when attention_mask is None (masking_utils.find_packed_sequence_indices
+# for sdpa/eager/flex; position_ids -> cu_seqlens for flash attention).
+PACKING_ATTN_IMPLEMENTATIONS = frozenset(
+    {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 -> fp32; fp64 stays fp64 so gradcheck can run in double precision
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """logp_i = (h_i . w_{y_i}) / tau - logsumexp_v (h_i . w_v / tau), chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, with_entropy, with_accuracy):
+        n = hidden.shape[0]
+        cdtype = _compute_dtype(hidden.dtype)
+        valid = targets >= 0  # negative targets (e.g. -100) are ignored: logp 0, no gradient
+        safe_t = targets.clamp(min=0)
+        logp = torch.zeros(n, dtype=cdtype, device=hidden.device)
+        lse = torch.zeros(n, dtype=cdtype, device=hidden.device)
+        entropy = torch.zeros(n if with_entropy else 0, dtype=cdtype, device=hidden.device)
+        correct = torch.zeros(n if with_accuracy else 0, dtype=torch.bool, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = (hidden[s:e] @ weight.T).to(cdtype)
+            if temperature != 1.0:
+                logits = logits / temperature
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            lse[s:e] = chunk_lse
+            logp[s:e] = logits.gather(1, safe_t[s:e, None]).squeeze(1) - chunk_lse
+            if with_accuracy:
+                correct[s:e] = logits.argmax(-1) == safe_t[s:e]
+            if with_entropy:
+                # H = -sum_v p_v log p_v on the shifted log-probs (lse - sum p z cancels badly
+                # when H is small); in place, the logits are not needed any more
+                logps = logits.sub_(chunk_lse[:, None])
+                entropy[s:e] = -(logps.exp() * logps).sum(-1).clamp(max=0)
+            del logits
+        logp = torch.where(valid, logp, torch.zeros((), dtype=cdtype, device=logp.device))
+        if with_accuracy:
+            correct &= valid
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy, correct)
+        return logp, entropy, correct
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy, _grad_correct):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = grad_weight = None
+        if grad_logp is None or not (need_h or need_w):
+            return None, None, None, None, None, None, None
+        n = hidden.shape[0]
+        cdtype = lse.dtype
+        tau = ctx.temperature
+        valid = targets >= 0
+        safe_t = targets.clamp(min=0)
+        # g_i / tau, zero for ignored targets
+        g = torch.where(valid, grad_logp.to(cdtype), torch.zeros((), dtype=cdtype, device=lse.device)) / tau
+        if need_h:
+            grad_hidden = torch.empty_like(hidden)
+        if need_w:
+            # accumulated in fp32 across chunks: summing many bf16 partial products loses bits
+            grad_weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        for s in range(0, n, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, n)
+            h = hidden[s:e]
+            logits = (h @ weight.T).to(cdtype)
+            if tau != 1.0:
+                logits = logits / tau
+            # d logp_i / d z_iv = (onehot - softmax) / tau, times upstream g_i
+            grad_logits = torch.exp(logits - lse[s:e, None])
+            del logits
+            grad_logits.neg_().mul_(g[s:e, None])
+            grad_logits.scatter_add_(1, safe_t[s:e, None], g[s:e, None])
+            if need_h:
+                grad_hidden[s:e] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_weight.addmm_(grad_logits.T, h.to(cdtype))
+            del grad_logits
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def token_logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_accuracy: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Log-probs of ``targets`` under ``softmax(hidden @ weight.T / temperature)``, chunked.
+
+    ``logp_i = z_{i,y_i} - log sum_v exp(z_iv)`` with ``z_i = h_i W^T / tau`` (in fp32).
+
+    hidden: (N, H), any float dtype; weight: (V, H) the unembedding (lm_head) matrix;
+    targets: (N,) long; a negative target (-100) gives logp 0 and no gradient.
+    Returns ``(logp (N,) fp32 differentiable w.r.t. hidden and weight,
+    entropy (N,) fp32 no-grad or None, argmax == target (N,) bool or None)``.
+    Peak extra memory: one (chunk_size, V) fp32 block (two in backward); only N floats are saved
+    for backward. Backward recomputes each chunk's logits (one extra matmul).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(
+            f"expected hidden (N,H), weight (V,H), targets (N,); got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
+        )
+    if hidden.shape[0] != targets.shape[0] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"targets {tuple(targets.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    logp, entropy, correct = _ChunkedTokenLogProbs.apply(
+        hidden, weight, targets.long(), int(chunk_size), float(temperature), with_entropy, with_accuracy
+    )
+    if logp.dtype != torch.float64:
+        logp = logp.float()
+    return logp, (entropy if with_entropy else None), (correct if with_accuracy else None)
+
+
+def _head_logprobs(head: nn.Module, scale: float, softcap: float | None, temperature: float, wants: tuple):
+    """Fallback per-chunk function for heads we cannot fuse (bias, LoRA-wrapped, softcapping)."""
+    with_entropy, with_accuracy = wants
+
+    def fn(h: Tensor, t: Tensor):
+        z = head(h).float()
+        if scale != 1.0:
+            z = z * scale
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+        if temperature != 1.0:
+            z = z / temperature
+        logps = torch.log_softmax(z, dim=-1)
+        lp = logps.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        lp = torch.where(t >= 0, lp, torch.zeros_like(lp))
+        with torch.no_grad():
+            ent = -(logps.exp() * logps).sum(-1).clamp(min=0) if with_entropy else None
+            cor = (z.argmax(-1) == t) if with_accuracy else None
+        return lp, ent, cor
+
+    return fn
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    # LoRA layers are injected in place, so the base model's own modules already carry them
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class LogProbModel(nn.Module):
+    """Wraps a HF causal LM (or peft model) so the training loop (and accelerate/DDP, which must
+    see the forward) gets per-token log-probs without full logits.
+
+    ``self.model`` is the wrapped model; :func:`posttrain.models.saving.save_pretrained_model`
+    unwraps to it.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    # The parts are looked up on every call (cheap) so peft's disable_adapter(), merges and
+    # accelerate's device placement are always seen as they are now.
+    def _parts(self) -> tuple[nn.Module, nn.Module, Any]:
+        causal_lm = _unwrap_peft(self.model)
+        prefix = getattr(causal_lm, "base_model_prefix", "model")
+        backbone = getattr(causal_lm, prefix, None)
+        if backbone is None:
+            raise ValueError(f"{type(causal_lm).__name__} has no backbone attribute {prefix!r}")
+        head = causal_lm.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(causal_lm).__name__} has no output embeddings (lm_head)")
+        return backbone, head, causal_lm.config
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        *,
+        with_entropy: bool = False,
+        with_accuracy: bool = False,
+        temperature: float = 1.0,
+    ) -> dict[str, Tensor | None]:
+        """Log-prob of each next token.
+
+        input_ids (B, T); attention_mask (B, T) 1 = real token (left or right padding), or None
+        for padding-free packed rows (B = 1) whose position_ids restart at 0 per example.
+        Returns ``{"logps": (B, T-1) fp32, "entropy": (B, T-1) fp32 | None,
+        "correct": (B, T-1) bool | None}``: entry t scores token t+1 given tokens <= t. Positions
+        whose input or target is padding are 0 / False — mask them (labels come from explicit
+        masks, never from these zeros).
+        """
+        backbone, head, config = self._parts()
+        # use_cache=False: with a KV cache transformers skips packed-sequence detection
+        out = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state[:, :-1]
+        targets = input_ids[:, 1:]
+        b, t1 = targets.shape
+        if attention_mask is not None:
+            keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        else:
+            keep = torch.ones_like(targets, dtype=torch.bool)
+        # only real positions go through the head: padding costs no vocabulary matmul
+        idx = keep.reshape(-1).nonzero().squeeze(1)
+        h = hidden.reshape(b * t1, -1).index_select(0, idx)
+        y = targets.reshape(-1).index_select(0, idx)
+
+        scale = float(getattr(config, "logit_scale", None) or 1.0)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        fusable = (
+            type(head) is nn.Linear and head.bias is None and scale == 1.0 and not softcap
+        )
+        if fusable:
+            lp, ent, cor = token_logprobs_from_hidden(
+                h, head.weight, y, chunk_size=self.chunk_size, temperature=temperature,
+                with_entropy=with_entropy, with_accuracy=with_accuracy,
+            )
+        else:
+            lp, ent, cor = self._fallback(h, y, head, scale, softcap, temperature, with_entropy, with_accuracy)
+
+        def scatter(values: Tensor | None, fill_dtype: torch.dtype) -> Tensor | None:
+            if values is None:
+                return None
+            full = torch.zeros(b * t1, dtype=fill_dtype, device=values.device)
+            return full.index_copy(0, idx, values.to(fill_dtype)).view(b, t1)
+
+        return {
+            "logps": scatter(lp, torch.float32),
+            "entropy": scatter(ent, torch.float32),
+            "correct": scatter(cor, torch.bool),
+        }
+
+    def _fallback(self, h, y, head, scale, softcap, temperature, with_entropy, with_accuracy):
+        fn = _head_logprobs(head, scale, softcap, temperature, (with_entropy, with_accuracy))
+        lps, ents, cors = [], [], []
+        for s in range(0, h.shape[0], self.chunk_size):
+            hc, yc = h[s : s + self.chunk_size], y[s : s + self.chunk_size]
+            if torch.is_grad_enabled() and (hc.requires_grad or any(p.requires_grad for p in head.parameters())):
+                # recomputed in backward, so only this chunk's logits ever exist at once
+                lp, ent, cor = checkpoint(fn, hc, yc, use_reentrant=False)
+            else:
+                lp, ent, cor = fn(hc, yc)
+            lps.append(lp)
+            ents.append(ent)
+            cors.append(cor)
+        if not lps:
+            empty = h.new_zeros(0, dtype=torch.float32)
+            return empty, (empty if with_entropy else None), (y.new_zeros(0, dtype=torch.bool) if with_accuracy else None)
+        return (
+            torch.cat(lps).float(),
+            torch.cat(ents) if with_entropy else None,
+            torch.cat(cors) if with_accuracy else None,
+        )
+
+
+def check_packing_support(model: nn.Module) -> None:
+    """Raise ValueError unless ``model`` keeps packed examples (position_ids restarting at 0,
+    attention_mask None) from attending to each other (pitfall 6).
+
+    Accepts the attention backends in ``PACKING_ATTN_IMPLEMENTATIONS`` when the installed
+    transformers detects packed sequences from position_ids.
+    """
+    if isinstance(model, LogProbModel):
+        model = model.model
+    model = _unwrap_peft(model)
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", None)
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "padding-free packing needs a transformers version whose masking_utils detects packed "
+            "sequences from position_ids (>= 4.56); upgrade transformers or set packing=false"
+        ) from None
+    if impl not in PACKING_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {impl!r} cannot honour packed position_ids, so packed examples "
+            f"would attend to each other; use one of {sorted(PACKING_ATTN_IMPLEMENTATIONS)} "
+            "(attn_implementation=...) or set packing=false"
+        )
