@@ -166,6 +166,8 @@ def main() -> int:
         if run["rc"] != 0:
             return run["rc"]
         res = json.loads(out_json.read_text())
+        losses = [st["loss"] for st in res.get("per_step", []) if st.get("loss") is not None]
+        res["mean_loss"] = sum(losses) / len(losses) if losses else None
         res["peak_rss_kib_wait4"] = run["peak_rss_kib"]
         res["peak_rss_gib"] = run["peak_rss_kib"] / 1024**2
         res["wall_seconds_with_startup"] = run["wall"]
@@ -198,6 +200,7 @@ def main() -> int:
         ("peak RSS (GiB)", "peak_rss_gib", ".2f"),
         ("first loss", "first_loss", ".4f"),
         ("last loss", "last_loss", ".4f"),
+        ("mean loss over the steps", "mean_loss", ".4f"),
         ("process wall seconds (incl. load/save)", "wall_seconds_with_startup", ".1f"),
         ("process CPU seconds (incl. load/save)", "process_cpu_seconds", ".1f"),
         ("cores used by other processes (contention)", "other_cores_busy_during", ".2f"),
@@ -208,7 +211,7 @@ def main() -> int:
     header = ("", "TRL SFTTrainer", "posttrain sft", "posttrain / TRL")
     table = []
     for label, key, spec in rows:
-        r = ratio(key) if key not in ("steps", "first_loss", "last_loss", "other_cores_busy_during") else None
+        r = ratio(key) if key not in ("steps", "first_loss", "last_loss", "mean_loss", "other_cores_busy_during") else None
         table.append((label, _fmt(t.get(key) if t else None, spec), _fmt(p.get(key) if p else None, spec),
                       _fmt(r, ".2f") + ("x" if r is not None else "")))
 

@@ -17,6 +17,7 @@ and writes the same JSON result shape as trl_sft_runner.py:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -121,6 +122,16 @@ def main() -> None:
         if elapsed is not None:
             prev_elapsed = elapsed
 
+    # metrics.jsonl's num_tokens may be per step or cumulative (TRL's convention): it is
+    # cumulative when it never decreases and its last value is the run's total.
+    raw = [p["num_tokens"] for p in per_step]
+    cumulative = (
+        len(raw) > 1 and all(t is not None for t in raw) and all(b >= a for a, b in itertools.pairwise(raw))
+        and summary.get("num_tokens") == raw[-1]
+    )
+    if cumulative:
+        for p, prev in zip(per_step, [0, *raw[:-1]]):
+            p["num_tokens"] = p["num_tokens"] - prev
     steps = _first(summary, "steps", "global_step", default=per_step[-1]["step"] if per_step else 0)
     train_seconds = _first(summary, "train_seconds", default=per_step[-1]["elapsed_seconds"] if per_step else None)
     step_tokens = [p["num_tokens"] for p in per_step]
@@ -152,6 +163,7 @@ def main() -> None:
         "first_loss": _first(summary, "first_loss", default=steps_log[0]["loss"] if steps_log else None),
         "last_loss": _first(summary, "last_loss", default=steps_log[-1]["loss"] if steps_log else None),
         "summary_num_tokens": summary_tokens,
+        "metrics_num_tokens_is_cumulative": cumulative,
         "summary_tokens_per_second": summary.get("tokens_per_second"),
         "last_line_elapsed_seconds": per_step[-1]["elapsed_seconds"] if per_step else None,
         "process_seconds": process_seconds,

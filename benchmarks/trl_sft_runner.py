@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--loss_on", choices=["all", "completion"], default="all",
                     help="all: every token (full sequence); completion: prompt/completion data, completion only")
+    ap.add_argument("--dump_first_batch", default=None, help="write the first batch's documents (token ids) here")
     ap.add_argument("--no_save", action="store_true", help="skip saving the final model")
     args = ap.parse_args()
 
@@ -126,6 +127,15 @@ def main() -> None:
             else:
                 n = int(inputs["input_ids"].numel())
             self.step_tokens.append(n)
+            if args.dump_first_batch and len(self.step_tokens) == 1 and "position_ids" in inputs:
+                # the documents of the first packed batch, for check_first_loss.py
+                ids, pos = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
+                docs = []
+                for tok, p in zip(ids, pos):
+                    if p == 0:
+                        docs.append([])
+                    docs[-1].append(tok)
+                Path(args.dump_first_batch).write_text(json.dumps({"docs": docs}))
             labels = inputs.get("labels")
             if labels is not None:
                 # the model predicts labels[1:] from positions [:-1]

@@ -49,7 +49,9 @@ def test_validate_wrong_kind_and_unknown_columns(tmp_path, capsys):
 
 def test_mask_preview_runs(tmp_path, capsys, smol_tokenizer_dir):
     path = write_jsonl(tmp_path / "good.jsonl", GOOD)
-    code = run_mask_preview(str(path), rows=1, tokenizer_name_or_path=str(smol_tokenizer_dir), assistant_only_loss=True)
+    code = run_mask_preview(
+        str(path), rows=1, tokenizer_name_or_path=str(smol_tokenizer_dir), assistant_only_loss=True
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "row 1" in out and "Hello!" in out and "trained" in out

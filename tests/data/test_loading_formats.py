@@ -9,6 +9,7 @@ import pytest
 
 from posttrain.data.formats import DataFormat, describe_format, detect_format, row_messages
 from posttrain.data.loading import load_rows
+from posttrain.data.validation import DataValidationError
 from tests.data.helpers import write_jsonl
 
 RECORDS = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
@@ -27,7 +28,9 @@ def test_jsonl_invalid_line_recorded_not_raised(tmp_path):
     path.write_text('{"text": "a"}\n{"text": \n')
     loaded = load_rows(str(path))
     assert loaded.rows == [{"text": "a"}]
-    assert [str(e) for e in loaded.errors] == [f"{path}:2: <json>: invalid JSON (Expecting value at column 10)"]
+    assert [str(e) for e in loaded.errors] == [
+        f"{path}:2: <json>: invalid JSON (Expecting value at column 10)"
+    ]
 
 
 def test_json_array(tmp_path):
@@ -79,7 +82,7 @@ def test_directory_prefers_split_files_and_cites_each_file(tmp_path):
 
 
 def test_missing_local_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataValidationError, match="no such file"):
         load_rows(str(tmp_path / "nope.jsonl"))
 
 
@@ -104,18 +107,27 @@ _U, _A = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
 def test_detect_format(rows, expected):
     fmt = detect_format(rows, "f.jsonl")
     assert fmt == expected
-    assert describe_format(fmt).startswith(f"data format: {expected.value} (")
+    assert describe_format(fmt).startswith(f"{expected.value} (")
 
 
 def test_detect_format_names_columns_found():
-    with pytest.raises(ValueError, match=r"f\.jsonl: cannot tell the data format from the columns found \('question', 'answer'\)"):
+    with pytest.raises(
+        DataValidationError,
+        match=r"f\.jsonl: cannot tell the data format from the columns found \('question', 'answer'\)",
+    ):
         detect_format([{"question": "q", "answer": "a"}], "f.jsonl")
     with pytest.raises(ValueError, match="no records"):
         detect_format([], "f.jsonl")
 
 
 def test_sharegpt_normalised():
-    row = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+        ]
+    }
     assert row_messages(row) == [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "q"},

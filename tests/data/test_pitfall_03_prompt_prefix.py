@@ -9,9 +9,13 @@ from hypothesis import strategies as st
 from posttrain.data.chat_masks import tokenize_prompt_completion
 
 TEXT = st.text(
-    alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz ABC.,!?'\n\t0123456789éü中")), min_size=1, max_size=30
+    alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz ABC.,!?'\n\t0123456789éü中")),
+    min_size=1,
+    max_size=30,
 )
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _prompt_ids(tokenizer, prompt):
@@ -21,7 +25,9 @@ def _prompt_ids(tokenizer, prompt):
 def test_merging_join_stays_split(tokenizer):
     """'hel' + 'lo' would tokenise as 'hello' if joined as text."""
     whole = tokenizer("hello", add_special_tokens=False)["input_ids"]
-    ids, mask = tokenize_prompt_completion("hel", "lo", tokenizer, conversational=False, completion_only_loss=True)
+    ids, mask = tokenize_prompt_completion(
+        "hel", "lo", tokenizer, conversational=False, completion_only_loss=True
+    )
     p = _prompt_ids(tokenizer, "hel")
     assert ids[: len(p)] == p
     assert ids[: len(whole)] != whole
@@ -48,7 +54,9 @@ def test_prompt_ids_prefix_of_full_standard(tokenizer, prompt, completion):
 def test_prompt_ids_prefix_of_full_conversational(tokenizer, prompt, completion):
     p_msgs = [{"role": "user", "content": prompt}]
     c_msgs = [{"role": "assistant", "content": completion}]
-    ids, mask = tokenize_prompt_completion(p_msgs, c_msgs, tokenizer, conversational=True, completion_only_loss=True)
+    ids, mask = tokenize_prompt_completion(
+        p_msgs, c_msgs, tokenizer, conversational=True, completion_only_loss=True
+    )
     p = tokenizer.apply_chat_template(p_msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert ids[: len(p)] == p
     assert not any(mask[: len(p)])

@@ -43,7 +43,9 @@ def test_plain_text_gets_exactly_one_bos(bos_adding_tokenizer):
 
 def test_prompt_completion_single_bos(bos_adding_tokenizer):
     tok = bos_adding_tokenizer
-    ids, _ = tokenize_prompt_completion(tok.bos_token + "Q: hi", " A", tok, conversational=False, completion_only_loss=True)
+    ids, _ = tokenize_prompt_completion(
+        tok.bos_token + "Q: hi", " A", tok, conversational=False, completion_only_loss=True
+    )
     assert _leading_bos(ids, tok.bos_token_id) == 1
 
 
@@ -51,9 +53,11 @@ def test_template_emitting_bos_with_bos_adding_tokenizer(bos_adding_tokenizer):
     tok = bos_adding_tokenizer
     tok.chat_template = "{{ bos_token }}" + tok.chat_template
     for aol in (True, False):
-        ids, mask = tokenize_messages(CONVERSATION, tok, assistant_only_loss=aol)
+        ids, _ = tokenize_messages(CONVERSATION, tok, assistant_only_loss=aol)
         assert _leading_bos(ids, tok.bos_token_id) == 1
-    ids, _ = tokenize_prompt_completion(CONVERSATION[:1], CONVERSATION[1:2], tok, conversational=True, completion_only_loss=True)
+    ids, _ = tokenize_prompt_completion(
+        CONVERSATION[:1], CONVERSATION[1:2], tok, conversational=True, completion_only_loss=True
+    )
     assert _leading_bos(ids, tok.bos_token_id) == 1
 
 

@@ -61,7 +61,10 @@ def test_left_truncation_keeps_the_end(tokenizer):
     (ex,) = examples
     assert len(ex.input_ids) == 16 and ex.completion_mask[0] == 0
     assert ex.input_ids[-1] == tokenizer.eos_token_id and report.truncated == 1
-    assert tokenizer.decode([i for i, m in zip(ex.input_ids, ex.completion_mask) if m]) == " The answer.<|im_end|>"
+    assert (
+        tokenizer.decode([i for i, m in zip(ex.input_ids, ex.completion_mask) if m])
+        == " The answer.<|im_end|>"
+    )
 
 
 def test_report_without_problems(tokenizer):

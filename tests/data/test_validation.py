@@ -143,7 +143,11 @@ def test_sharegpt_conversations():
 
 
 def test_tool_call_turn_may_have_no_content():
-    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+    }
     msgs = [_u("weather?"), call, {"role": "tool", "content": "sunny"}, _a("It is sunny.")]
     assert validate_rows(from_records([{"messages": msgs}]), DataFormat.MESSAGES) == []
 

@@ -121,7 +121,8 @@ def test_default_model_and_its_gguf_resolve_to_the_cached_dir():
     assert loading._resolve_source(str(default_gguf_path())) == str(default_model_dir())
 
 
-def test_load_default_model_once(tokenizer):
+@pytest.mark.slow
+def test_load_default_model_once():
     """The embedded default (None) loads from its cached conversion and speaks its tokenizer."""
     model = load_causal_lm(None, dtype="float32")
     tok = load_tokenizer(None)
@@ -130,7 +131,7 @@ def test_load_default_model_once(tokenizer):
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 3 or out[0, -1].item() in (tok.eos_token_id,)
+    assert ids.shape[1] < out.shape[1] <= ids.shape[1] + 3
 
 
 @pytest.mark.slow

@@ -106,6 +106,26 @@ def test_bf16_inputs_compute_in_fp32():
     assert torch.isfinite(hb.grad.float()).all()
 
 
+def test_autocast_uses_the_autocast_dtype_consistently():
+    """Under bf16 autocast with fp32 leaves (mixed-precision training), the matmul runs in bf16
+    as the model's lm_head would, the log-softmax in fp32, and the gradients land in fp32,
+    matching plain autograd through the bf16-cast inputs (tolerance: bf16 rounding, 0.05)."""
+    hidden, weight, targets = _data()
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _, _ = token_logprobs_from_hidden(h1, w1, targets, chunk_size=3)
+    assert logp.dtype == torch.float32
+    logp.sum().backward()
+    assert h1.grad.dtype == torch.float32 and w1.grad.dtype == torch.float32
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    z = (h2.bfloat16() @ w2.bfloat16().T).float()
+    ref = torch.log_softmax(z, -1).gather(1, targets[:, None]).squeeze(1)
+    ref.sum().backward()
+    torch.testing.assert_close(logp, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=0.02, atol=0.05)
+
+
 def test_no_full_logits_saved_for_backward():
     """Autograd keeps hidden, weight, targets and N log-sum-exps: nothing of size N x V."""
     n, h, v = 64, 8, 1000

@@ -13,6 +13,7 @@ trained, since the model stops generating at the end-of-turn token.
 
 from __future__ import annotations
 
+
 def _as_ids(out) -> list[int]:
     """apply_chat_template's return value (list, nested list or BatchEncoding) -> flat ids."""
     if hasattr(out, "keys"):
@@ -44,7 +45,9 @@ def render_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool =
 
 
 def render_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _is_prefix(a: list[int], b: list[int]) -> bool:
@@ -99,7 +102,9 @@ def _locate_in_text(messages: list[dict], i: int, tokenizer, full: list[int], cu
     ids = dedupe_bos(list(enc["input_ids"]), tokenizer)
     offsets = enc["offset_mapping"][len(enc["input_ids"]) - len(ids) :]
     if ids != full:
-        raise ValueError(f"cannot locate {where}: re-tokenising the rendered text does not give the template's ids")
+        raise ValueError(
+            f"cannot locate {where}: re-tokenising the rendered text does not give the template's ids"
+        )
     # The end-of-turn marker: what the template prints right after this turn's content.
     upto = render_text(tokenizer, messages[: i + 1])
     for cand in dict.fromkeys([content, content.split("</think>")[-1].strip()]):

@@ -59,4 +59,9 @@ def collate_padded(examples, pad_token_id: int, padding_side: str = "right") -> 
         m = torch.tensor(ex.completion_mask, dtype=torch.long)
         m[0] = 0
         mask[b, sl] = m
-    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position, "completion_mask": mask}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "position_ids": position,
+        "completion_mask": mask,
+    }

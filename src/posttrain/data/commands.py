@@ -42,10 +42,10 @@ def _load_and_detect(console: Console, path: str, split: str, kind: str | None):
         fmt = detect_format(loaded.rows, loaded.source)
         if kind is not None:
             check_kind(fmt, kind, loaded.source)
-    except (ValueError, FileNotFoundError) as e:  # DataValidationError is a ValueError
+    except (ValueError, OSError) as e:  # DataValidationError is a ValueError
         console.print(f"[red]error:[/red] {escape(str(e))}")
         return None
-    console.print(escape(describe_format(fmt)))
+    console.print(f"data format: {escape(describe_format(fmt))}")
     console.print(f"{len(loaded.rows)} rows from {escape(loaded.source)}")
     return loaded, fmt
 
@@ -130,7 +130,9 @@ def run_mask_preview(
     except ValueError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         return 1
-    console.print(Text.assemble("legend: ", ("trained", TRAINED_STYLE), " ", ("not trained", UNTRAINED_STYLE)))
+    console.print(
+        Text.assemble("legend: ", ("trained", TRAINED_STYLE), " ", ("not trained", UNTRAINED_STYLE))
+    )
     for ex in examples:
         console.rule(f"row {ex.row}")
         console.print(_render_example(tokenizer, ex.input_ids, ex.completion_mask))

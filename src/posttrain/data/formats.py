@@ -52,7 +52,7 @@ SHAREGPT_ROLES = {
 
 def describe_format(fmt: DataFormat) -> str:
     """One human line naming the format, printed at the start of training."""
-    return f"data format: {DataFormat(fmt).value} ({_DESCRIPTIONS[DataFormat(fmt)]})"
+    return f"{DataFormat(fmt).value} ({_DESCRIPTIONS[DataFormat(fmt)]})"
 
 
 def messages_field(row: dict) -> str:
@@ -83,14 +83,16 @@ def _is_conversational(value) -> bool:
 def detect_format(rows: list[dict], source: str) -> DataFormat:
     """The format implied by the columns (union over all rows).
 
-    Raises ValueError naming the columns found when none fits.
+    Raises DataValidationError (a ValueError) naming the columns found when none fits.
     """
+    from posttrain.data.validation import DataValidationError  # validation imports this module
+
     columns: dict[str, None] = {}
     for r in rows:
         if isinstance(r, dict):
             columns.update(dict.fromkeys(r))
     if not columns:
-        raise ValueError(f"{source}: no records found (an empty file, or no JSON objects)")
+        raise DataValidationError(message=f"{source}: no records found (an empty file, or no JSON objects)")
     if "messages" in columns or "conversations" in columns:
         return DataFormat.MESSAGES
     if "chosen" in columns and "rejected" in columns:
@@ -105,8 +107,8 @@ def detect_format(rows: list[dict], source: str) -> DataFormat:
     if "prompt" in columns:
         return DataFormat.PROMPT_ONLY
     found = ", ".join(repr(c) for c in columns)
-    raise ValueError(
-        f"{source}: cannot tell the data format from the columns found ({found}); expected one of: "
+    raise DataValidationError(
+        message=f"{source}: cannot tell the data format from the columns found ({found}); expected one of: "
         "'text' | 'prompt' + 'completion' | 'messages' (or 'conversations') | "
         "'chosen' + 'rejected' (+ optional 'prompt') | 'prompt'"
     )

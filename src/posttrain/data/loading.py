@@ -63,7 +63,9 @@ def _load_jsonl(path: Path, source: str) -> LoadedRows:
             try:
                 rows.append(json.loads(line.rstrip("\r\n")))
             except json.JSONDecodeError as e:
-                errors.append(RowError(source, lineno, "<json>", f"invalid JSON ({e.msg} at column {e.colno})"))
+                errors.append(
+                    RowError(source, lineno, "<json>", f"invalid JSON ({e.msg} at column {e.colno})")
+                )
                 continue
             numbers.append(lineno)
     return LoadedRows(rows=rows, source=source, row_numbers=numbers, errors=errors)
@@ -123,7 +125,9 @@ def _load_dir(path: Path, source: str, split: str) -> LoadedRows:
     named = [p for p in files if p.stem.lower().startswith(split.lower())]
     files = named or files
     if not files:
-        raise FileNotFoundError(f"{source}: no {'/'.join(LOCAL_EXTENSIONS)} files in this directory")
+        raise DataValidationError(
+            message=f"{source}: no {'/'.join(LOCAL_EXTENSIONS)} files in this directory"
+        )
     rows, numbers, sources, errors = [], [], [], []
     for p in files:
         part = _load_file(p, str(p))
@@ -146,7 +150,7 @@ def load_rows(name_or_path: str, split: str = "train", config_name: str | None =
         return _load_dir(path, name_or_path, split)
     if path.suffix.lower() in LOCAL_EXTENSIONS:
         if not path.exists():
-            raise FileNotFoundError(f"{name_or_path}: no such file")
+            raise DataValidationError(message=f"{name_or_path}: no such file")
         return _load_file(path, name_or_path)
     import datasets
 

@@ -22,7 +22,9 @@ def pack_best_fit_decreasing(lengths: list[int], max_length: int) -> list[list[i
         raise ValueError(f"max_length must be positive, got {max_length}")
     for i, n in enumerate(lengths):
         if n > max_length:
-            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}; truncate it first")
+            raise ValueError(
+                f"example {i} has {n} tokens, more than max_length={max_length}; truncate it first"
+            )
         if n < 1:
             raise ValueError(f"example {i} is empty")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

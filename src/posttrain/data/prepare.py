@@ -64,7 +64,9 @@ def _truncate(ids: list[int], mask: list[int], max_length: int, side: str):
     return ids, [0] + mask[1:]  # the new first token has nothing predicting it
 
 
-def tokenize_row(row: dict, fmt: DataFormat, tokenizer, *, completion_only_loss: bool, assistant_only_loss: bool):
+def tokenize_row(
+    row: dict, fmt: DataFormat, tokenizer, *, completion_only_loss: bool, assistant_only_loss: bool
+):
     """(input_ids, completion_mask) for one validated row of an SFT format."""
     if fmt == DataFormat.MESSAGES:
         return tokenize_messages(row_messages(row), tokenizer, assistant_only_loss=assistant_only_loss)
@@ -106,7 +108,11 @@ def prepare_sft_examples(
     examples = []
     for row, number in zip(loaded.rows, loaded.row_numbers):
         ids, mask = tokenize_row(
-            row, fmt, tokenizer, completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss
+            row,
+            fmt,
+            tokenizer,
+            completion_only_loss=completion_only_loss,
+            assistant_only_loss=assistant_only_loss,
         )
         if max_length is not None and len(ids) > max_length:
             ids, mask = _truncate(ids, mask, max_length, truncation_side)

@@ -47,13 +47,20 @@ class RowError:
 
 
 class DataValidationError(ValueError):
-    """Raised with every RowError found; str() shows the count and the first 20."""
+    """Raised with every RowError found; str() shows the count and the first 20.
 
-    def __init__(self, errors: list[RowError]):
+    Problems with the data as a whole (no such file, unknown columns, a format that does not
+    suit the method) carry a ``message`` and no row errors, so the CLI prints them the same way.
+    """
+
+    def __init__(self, errors: list[RowError] = (), message: str | None = None):
         self.errors = list(errors)
+        self.message = message
         super().__init__(self._render())
 
     def _render(self) -> str:
+        if self.message is not None:
+            return self.message
         n = len(self.errors)
         rows = len({(e.source, e.row) for e in self.errors})
         lines = [f"{n} data error{'s' if n != 1 else ''} in {rows} row{'s' if rows != 1 else ''}:"]
@@ -70,9 +77,14 @@ def _tname(value) -> str:
     """JSON-ish type names, since users write JSON."""
     if value is None:
         return "null"
-    return {str: "string", bool: "boolean", int: "integer", float: "number", list: "list", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        list: "list",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
 
 
 def _check_string(value, name: str, out: list) -> bool:
@@ -133,7 +145,10 @@ def _check_messages(
         out.append((name, "no assistant message (nothing to train on)"))
     elif must_end_with_assistant and roles[-1] not in ("assistant", None):
         out.append(
-            (f"{name}[{len(value) - 1}]", f"conversation must end with an assistant message, not {roles[-1]!r}")
+            (
+                f"{name}[{len(value) - 1}]",
+                f"conversation must end with an assistant message, not {roles[-1]!r}",
+            )
         )
     return len(out) == before
 
@@ -154,7 +169,9 @@ def _check_row(row: dict, fmt: DataFormat, kind: str, out: list) -> None:
                 _check_string(row[key], key, out)
     elif fmt == DataFormat.CONVERSATIONAL_PROMPT_COMPLETION:
         if need("prompt"):
-            _check_messages(row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False)
+            _check_messages(
+                row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False
+            )
         if need("completion"):
             _check_messages(
                 row["completion"], "completion", out, require_assistant=True, must_end_with_assistant=False
@@ -166,12 +183,11 @@ def _check_row(row: dict, fmt: DataFormat, kind: str, out: list) -> None:
             _check_messages(row[key], key, out, require_assistant=sft, must_end_with_assistant=sft)
     elif fmt == DataFormat.PREFERENCE:
         _check_preference(row, out, need)
-    elif fmt == DataFormat.PROMPT_ONLY:
-        if need("prompt"):
-            if isinstance(row["prompt"], list):
-                _check_messages(row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False)
-            else:
-                _check_string(row["prompt"], "prompt", out)
+    elif fmt == DataFormat.PROMPT_ONLY and need("prompt"):
+        if isinstance(row["prompt"], list):
+            _check_messages(row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False)
+        else:
+            _check_string(row["prompt"], "prompt", out)
 
 
 def _check_preference(row: dict, out: list, need) -> None:
@@ -186,9 +202,13 @@ def _check_preference(row: dict, out: list, need) -> None:
         full = not has_prompt
         if has_prompt:
             if not isinstance(row["prompt"], list):
-                out.append(("prompt", f"expected a list of messages (like chosen), got {_tname(row['prompt'])}"))
+                out.append(
+                    ("prompt", f"expected a list of messages (like chosen), got {_tname(row['prompt'])}")
+                )
             else:
-                _check_messages(row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False)
+                _check_messages(
+                    row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False
+                )
         for key, value in (("chosen", chosen), ("rejected", rejected)):
             ok &= _check_messages(value, key, out, require_assistant=True, must_end_with_assistant=full)
     else:
@@ -201,14 +221,16 @@ def _check_preference(row: dict, out: list, need) -> None:
 
 
 def check_kind(fmt: DataFormat, kind: str, source: str) -> None:
-    """Raise ValueError when a dataset's format cannot be used for this kind of training."""
+    """Raise DataValidationError when a dataset's format cannot be used for this kind of training."""
     if kind == "reward":
         kind = "preference"
     if kind not in KIND_FORMATS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of: {', '.join(KIND_FORMATS)}")
     if fmt not in KIND_FORMATS[kind]:
         accepted = ", ".join(f.value for f in KIND_FORMATS[kind])
-        raise ValueError(f"{source}: {kind} training needs data in one of the formats {accepted}; found {fmt.value}")
+        raise DataValidationError(
+            message=f"{source}: {kind} training needs data in one of the formats {accepted}; found {fmt.value}"
+        )
 
 
 def validate_rows(loaded: LoadedRows, fmt: DataFormat, kind: str = "sft") -> list[RowError]:
@@ -216,7 +238,7 @@ def validate_rows(loaded: LoadedRows, fmt: DataFormat, kind: str = "sft") -> lis
 
     kind: 'sft' (conversations must contain and end with an assistant turn), 'preference'
     (alias 'reward'), or 'prompt' (prompts for online methods). Raises ValueError when the
-    format does not suit the kind at all.
+    format does not suit the kind at all (a DataValidationError with a message).
     """
     fmt = DataFormat(fmt)
     check_kind(fmt, kind, loaded.source)

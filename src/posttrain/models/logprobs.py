@@ -62,12 +62,18 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             correct &= valid
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
+        ctx.device_type = hidden.device.type
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy, correct)
         return logp, entropy, correct
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy, _grad_correct):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _ChunkedTokenLogProbs._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = grad_weight = None
@@ -141,11 +147,18 @@ def token_logprobs_from_hidden(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if weight.dtype != hidden.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # do the matmul in the autocast dtype (as the model's own lm_head would), but explicitly,
+        # so the backward's recompute uses exactly the forward's dtypes
+        amp_dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(amp_dtype), weight.to(amp_dtype)
+    elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    logp, entropy, correct = _ChunkedTokenLogProbs.apply(
-        hidden, weight, targets.long(), int(chunk_size), float(temperature), with_entropy, with_accuracy
-    )
+    with torch.autocast(device_type, enabled=False):
+        logp, entropy, correct = _ChunkedTokenLogProbs.apply(
+            hidden, weight, targets.long(), int(chunk_size), float(temperature), with_entropy, with_accuracy
+        )
     if logp.dtype != torch.float64:
         logp = logp.float()
     return logp, (entropy if with_entropy else None), (correct if with_accuracy else None)
@@ -313,7 +326,10 @@ def check_packing_support(model: nn.Module) -> None:
             "padding-free packing needs a transformers version whose masking_utils detects packed "
             "sequences from position_ids (>= 4.56); upgrade transformers or set packing=false"
         ) from None
-    if impl not in PACKING_ATTN_IMPLEMENTATIONS:
+    # hub kernels (e.g. "kernels-community/flash-attn3") go through the same flash-attention
+    # path, which turns position_ids into cu_seqlens
+    is_flash = isinstance(impl, str) and ("flash_attn" in impl or "flash-attn" in impl)
+    if impl not in PACKING_ATTN_IMPLEMENTATIONS and not is_flash:
         raise ValueError(
             f"attention implementation {impl!r} cannot honour packed position_ids, so packed examples "
             f"would attend to each other; use one of {sorted(PACKING_ATTN_IMPLEMENTATIONS)} "
