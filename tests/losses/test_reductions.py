@@ -97,7 +97,9 @@ def test_pitfall_14_microbatch_split_invariance(mode):
     torch.testing.assert_close(g_split, g_whole)
     if mode != "sum":
         # the per-batch default normaliser is NOT invariant: the reason the caller passes it
-        local = sum(aggregate_token_loss(per_token(s), mask[s], mode=mode) for s in (slice(0, 4), slice(4, 6)))
+        local = sum(
+            aggregate_token_loss(per_token(s), mask[s], mode=mode) for s in (slice(0, 4), slice(4, 6))
+        )
         assert not torch.allclose(local, whole)
 
 

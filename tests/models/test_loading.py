@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-import posttrain.models.loading as loading
+from posttrain.models import loading
 from posttrain.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from tests.conftest import make_tiny_llama
 
@@ -19,7 +19,9 @@ def test_resolve_dtype():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("float16") is torch.float16
-    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    expected = (
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    )
     assert resolve_dtype("auto") is expected
     with pytest.raises(ValueError, match="float32"):
         resolve_dtype("float8")
@@ -127,7 +129,9 @@ def test_load_default_model_once():
     model = load_causal_lm(None, dtype="float32")
     tok = load_tokenizer(None)
     assert model.config.vocab_size >= len(tok) and tok.chat_template
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)

@@ -60,7 +60,7 @@ def test_gradcheck_fp64():
     hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 6, 3, -100, 2])  # includes an ignored target
-    fn = lambda h, w: token_logprobs_from_hidden(h, w, targets, chunk_size=2, temperature=0.8)[0]  # noqa: E731
+    fn = lambda h, w: token_logprobs_from_hidden(h, w, targets, chunk_size=2, temperature=0.8)[0]
     assert fn(hidden, weight).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
@@ -99,7 +99,7 @@ def test_bf16_inputs_compute_in_fp32():
     wb = weight.bfloat16().requires_grad_(True)
     logp, ent, _ = token_logprobs_from_hidden(hb, wb, targets, chunk_size=4, with_entropy=True)
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
-    ref, ent_ref, _ = _naive(hb.detach().float(), wb.detach().float(), targets)
+    ref, _ent_ref, _ = _naive(hb.detach().float(), wb.detach().float(), targets)
     torch.testing.assert_close(logp.double(), ref, atol=0.05, rtol=0)
     logp.sum().backward()
     assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
@@ -139,7 +139,7 @@ def test_no_full_logits_saved_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logp, _, _ = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=16)
+        _logp, _, _ = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=16)
     assert max(saved) < n * v
     assert sum(saved) <= n * h + v * h + 2 * n
 

@@ -41,7 +41,9 @@ def _lora_model(tiny_model_dir):
 
 def _can_generate(model, tokenizer):
     with torch.no_grad():
-        out = model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            IDS[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert out.shape[1] > 4
 
 

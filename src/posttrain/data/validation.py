@@ -185,7 +185,9 @@ def _check_row(row: dict, fmt: DataFormat, kind: str, out: list) -> None:
         _check_preference(row, out, need)
     elif fmt == DataFormat.PROMPT_ONLY and need("prompt"):
         if isinstance(row["prompt"], list):
-            _check_messages(row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False)
+            _check_messages(
+                row["prompt"], "prompt", out, require_assistant=False, must_end_with_assistant=False
+            )
         else:
             _check_string(row["prompt"], "prompt", out)
 

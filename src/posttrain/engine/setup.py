@@ -27,6 +27,9 @@ def build_accelerator(*, bf16: bool | None, fp16: bool, report_to: list[str], ou
         log_with=trackers or None,
         project_dir=output_dir,
         gradient_accumulation_steps=1,
+        # Our step count is already global: accelerate would otherwise advance the LR schedule
+        # once per process on each optimizer step.
+        step_scheduler_with_optimizer=False,
     )
     set_seed(seed)
     return accelerator

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from posttrain.losses.reductions import AGGREGATION_MODES, aggregate_token_loss, masked_mean, masked_sum
 from posttrain.losses.sft import sft_nll_loss, token_accuracy

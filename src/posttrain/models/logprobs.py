@@ -43,9 +43,9 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         correct = torch.zeros(n if with_accuracy else 0, dtype=torch.bool, device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = (hidden[s:e] @ weight.T).to(cdtype)
+            logits = (hidden[s:e] @ weight.T).to(cdtype)  # fresh tensor: safe to edit in place
             if temperature != 1.0:
-                logits = logits / temperature
+                logits.div_(temperature)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             lse[s:e] = chunk_lse
             logp[s:e] = logits.gather(1, safe_t[s:e, None]).squeeze(1) - chunk_lse
@@ -86,6 +86,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         safe_t = targets.clamp(min=0)
         # g_i / tau, zero for ignored targets
         g = torch.where(valid, grad_logp.to(cdtype), torch.zeros((), dtype=cdtype, device=lse.device)) / tau
+        low_precision = weight.dtype != cdtype
         if need_h:
             grad_hidden = torch.empty_like(hidden)
         if need_w:
@@ -94,18 +95,26 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
-            logits = (h @ weight.T).to(cdtype)
+            # d logp_i / d z_iv = (onehot - softmax) / tau, times upstream g_i; built in place
+            # in the recomputed logits so one (chunk, V) block is live
+            grad_logits = (h @ weight.T).to(cdtype)
             if tau != 1.0:
-                logits = logits / tau
-            # d logp_i / d z_iv = (onehot - softmax) / tau, times upstream g_i
-            grad_logits = torch.exp(logits - lse[s:e, None])
-            del logits
+                grad_logits.div_(tau)
+            grad_logits.sub_(lse[s:e, None]).exp_()
             grad_logits.neg_().mul_(g[s:e, None])
             grad_logits.scatter_add_(1, safe_t[s:e, None], g[s:e, None])
-            if need_h:
-                grad_hidden[s:e] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_weight.addmm_(grad_logits.T, h.to(cdtype))
+            if low_precision:
+                # bf16/fp16 matmuls (tensor cores), fp32 accumulation across chunks
+                gl = grad_logits.to(weight.dtype)
+                if need_h:
+                    grad_hidden[s:e] = gl @ weight
+                if need_w:
+                    grad_weight.add_(gl.T @ h)
+            else:
+                if need_h:
+                    grad_hidden[s:e] = (grad_logits @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_weight.addmm_(grad_logits.T, h)
             del grad_logits
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
@@ -261,16 +270,21 @@ class LogProbModel(nn.Module):
 
         scale = float(getattr(config, "logit_scale", None) or 1.0)
         softcap = getattr(config, "final_logit_softcapping", None)
-        fusable = (
-            type(head) is nn.Linear and head.bias is None and scale == 1.0 and not softcap
-        )
+        fusable = type(head) is nn.Linear and head.bias is None and scale == 1.0 and not softcap
         if fusable:
             lp, ent, cor = token_logprobs_from_hidden(
-                h, head.weight, y, chunk_size=self.chunk_size, temperature=temperature,
-                with_entropy=with_entropy, with_accuracy=with_accuracy,
+                h,
+                head.weight,
+                y,
+                chunk_size=self.chunk_size,
+                temperature=temperature,
+                with_entropy=with_entropy,
+                with_accuracy=with_accuracy,
             )
         else:
-            lp, ent, cor = self._fallback(h, y, head, scale, softcap, temperature, with_entropy, with_accuracy)
+            lp, ent, cor = self._fallback(
+                h, y, head, scale, softcap, temperature, with_entropy, with_accuracy
+            )
 
         def scatter(values: Tensor | None, fill_dtype: torch.dtype) -> Tensor | None:
             if values is None:
@@ -289,7 +303,9 @@ class LogProbModel(nn.Module):
         lps, ents, cors = [], [], []
         for s in range(0, h.shape[0], self.chunk_size):
             hc, yc = h[s : s + self.chunk_size], y[s : s + self.chunk_size]
-            if torch.is_grad_enabled() and (hc.requires_grad or any(p.requires_grad for p in head.parameters())):
+            if torch.is_grad_enabled() and (
+                hc.requires_grad or any(p.requires_grad for p in head.parameters())
+            ):
                 # recomputed in backward, so only this chunk's logits ever exist at once
                 lp, ent, cor = checkpoint(fn, hc, yc, use_reentrant=False)
             else:
@@ -299,7 +315,11 @@ class LogProbModel(nn.Module):
             cors.append(cor)
         if not lps:
             empty = h.new_zeros(0, dtype=torch.float32)
-            return empty, (empty if with_entropy else None), (y.new_zeros(0, dtype=torch.bool) if with_accuracy else None)
+            return (
+                empty,
+                (empty if with_entropy else None),
+                (y.new_zeros(0, dtype=torch.bool) if with_accuracy else None),
+            )
         return (
             torch.cat(lps).float(),
             torch.cat(ents) if with_entropy else None,

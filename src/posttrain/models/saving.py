@@ -50,9 +50,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.model
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") or (
-            hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module)
-            and not hasattr(model, "config")
+        elif type(model).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+            "FullyShardedDataParallel",
+        ) or (
+            hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config")
         ):
             model = model.module
         else:
