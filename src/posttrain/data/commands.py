@@ -25,14 +25,10 @@ def _console() -> Console:
 
 
 def load_tokenizer(tokenizer_name_or_path: str | None):
-    """The tokenizer at a hub id / local dir, or the embedded default model's."""
-    from transformers import AutoTokenizer
+    """The tokenizer at a hub id / local dir / .gguf, or the embedded default model's."""
+    from posttrain.models.loading import load_tokenizer as load
 
-    if tokenizer_name_or_path is None:
-        from posttrain.models.default_model import default_model_dir
-
-        tokenizer_name_or_path = str(default_model_dir())
-    return AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+    return load(tokenizer_name_or_path)
 
 
 def _load_and_detect(console: Console, path: str, split: str, kind: str | None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.data.loading import LoadedRows, load_rows
+from posttrain.data.loading import LoadedRows, from_records, load_rows
 
 
 def as_loaded_rows(dataset: Any, dataset_name: str | None, split: str = "train",
@@ -18,8 +18,5 @@ def as_loaded_rows(dataset: Any, dataset_name: str | None, split: str = "train",
         return dataset
     if isinstance(dataset, (str,)):
         return load_rows(dataset, split=split, config_name=config_name)
-    if hasattr(dataset, "to_list"):  # datasets.Dataset
-        rows = dataset.to_list()
-    else:
-        rows = [dict(r) for r in dataset]
-    return LoadedRows(rows=rows, source="<python>", row_numbers=list(range(1, len(rows) + 1)))
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else [dict(r) for r in dataset]  # datasets.Dataset
+    return from_records(rows, source="<python>")

@@ -105,7 +105,7 @@ def load_tokenizer(
     return tokenizer
 
 
-def _enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model) -> None:
     # non-reentrant: works with frozen inputs (LoRA) and with DDP without extra flags
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -154,7 +154,7 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     return model
 
 

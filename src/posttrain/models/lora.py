@@ -26,9 +26,9 @@ def apply_lora(
         if on is None:
             on = getattr(model, "is_gradient_checkpointing", False)
         if not on:
-            from posttrain.models.loading import _enable_gradient_checkpointing
+            from posttrain.models.loading import enable_gradient_checkpointing
 
-            _enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         model.enable_input_require_grads()
     config = LoraConfig(
         task_type="CAUSAL_LM",

@@ -91,7 +91,7 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
     """Fine-tune `model` (default: config.model_name_or_path) on `dataset` (default:
     config.dataset_name; also a list of dicts or a `datasets.Dataset`). Returns the trained model."""
     from posttrain.models.lora import apply_lora
-    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.models.loading import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
     from posttrain.models.logprobs import LogProbModel, check_packing_support
     from posttrain.models.saving import save_pretrained_model
     from posttrain.losses.sft import sft_nll_loss
@@ -122,8 +122,7 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
                                trust_remote_code=config.trust_remote_code,
                                gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if config.use_peft:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=config.lora_target_modules,
