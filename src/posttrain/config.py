@@ -42,7 +42,7 @@ class ModelConfig:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch.")
     lora_target_modules: list[str] | None = _f(
         None, "Module names to adapt (e.g. q_proj v_proj); default: all linear layers.")
-    merge_adapter: bool = _f(False, "With --use_peft, also save the adapter merged into full weights.")
+    merge_adapter: bool = _f(False, "With --use_peft, also save the adapter merged into full weights in OUTPUT_DIR/merged.")
 
 
 @dataclass

@@ -204,7 +204,7 @@ def test_logprob_model_matches_naive_padded(padding_side):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-4, msg=n)
 
 
-def test_logprob_model_packed_row_equals_separate_rows():
+def test_pitfall_06_packed_row_equals_separate_rows_no_cross_attention():
     """Padding-free packing (pitfall 6): a B=1 row of two examples with restarting position_ids
     and no attention mask gives each example's log-probs (and gradients) as if run alone; the
     same row without position_ids (cross-attention) differs, so the test can fail."""

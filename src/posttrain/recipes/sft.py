@@ -257,7 +257,9 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
     unwrapped = accelerator.unwrap_model(scorer).model
     if not stopped_early:
         if accelerator.is_main_process:
-            save_pretrained_model(unwrapped, tokenizer, output_dir, merge_adapter=config.merge_adapter)
+            save_pretrained_model(unwrapped, tokenizer, output_dir)
+            if config.use_peft and config.merge_adapter:
+                save_pretrained_model(unwrapped, tokenizer, output_dir / "merged", merge_adapter=True)
             summary = {"steps": steps - start_step, "train_seconds": timer.elapsed, "num_tokens": num_tokens,
                        "tokens_per_second": num_tokens / max(timer.elapsed, 1e-9), "first_loss": first_loss,
                        "last_loss": last_loss, "peak_memory_bytes": peak_memory_bytes(),
