@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from posttrain.config import FLAG_ALIASES, ConfigError, check_keys, field_names, unknown_key_error
 
@@ -83,6 +84,10 @@ def parse_config(config_cls: type, argv: list[str], prog: str = "posttrain") -> 
         argv = rest
     # allow_abbrev=False: a misspelt prefix must be an error, never silently another flag.
     parser = HfArgumentParser(config_cls, prog=prog, allow_abbrev=False)
+    for action in parser._actions:
+        # `bool | None` fields (e.g. --bf16, default: decide by hardware) must accept a bare flag too.
+        if getattr(action.type, "__name__", "") == "string_to_bool" and action.nargs is None:
+            action.nargs, action.const = "?", True
     parser.set_defaults(**yaml_values)
     (config, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     for arg in remaining:

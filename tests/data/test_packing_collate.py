@@ -14,7 +14,7 @@ from posttrain.data.prepare import TokenizedExample
 
 def test_bfd_bins_valid_and_complete():
     rng = random.Random(0)
-    for trial in range(50):
+    for _trial in range(50):
         max_length = rng.randint(8, 64)
         lengths = [rng.randint(1, max_length) for _ in range(rng.randint(0, 60))]
         bins = pack_best_fit_decreasing(lengths, max_length)

@@ -60,7 +60,10 @@ def test_gradcheck_fp64():
     hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 6, 3, -100, 2])  # includes an ignored target
-    fn = lambda h, w: token_logprobs_from_hidden(h, w, targets, chunk_size=2, temperature=0.8)[0]
+
+    def fn(h, w):
+        return token_logprobs_from_hidden(h, w, targets, chunk_size=2, temperature=0.8)[0]
+
     assert fn(hidden, weight).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 

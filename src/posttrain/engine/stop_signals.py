@@ -21,7 +21,7 @@ class GracefulStop:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

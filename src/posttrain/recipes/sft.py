@@ -90,11 +90,11 @@ def _build_units(examples, config: SFTConfig) -> list[list[int]]:
 def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResult:
     """Fine-tune `model` (default: config.model_name_or_path) on `dataset` (default:
     config.dataset_name; also a list of dicts or a `datasets.Dataset`). Returns the trained model."""
-    from posttrain.models.lora import apply_lora
+    from posttrain.losses.sft import sft_nll_loss
     from posttrain.models.loading import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
     from posttrain.models.logprobs import LogProbModel, check_packing_support
+    from posttrain.models.lora import apply_lora
     from posttrain.models.saving import save_pretrained_model
-    from posttrain.losses.sft import sft_nll_loss
 
     validate_training_config(config)
     if config.packing and not config.max_length:
