@@ -263,7 +263,7 @@ def main() -> int:
         from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        console = Console(width=max(Console().width, 110))
         tb = Table(title=title)
         for h in header:
             tb.add_column(h, justify="left" if not h else "right")

@@ -185,3 +185,11 @@ def test_zero_target_rows_never_reach_the_loss(tmp_path, tokenizer, chat_rows):
                          truncation_side="right"),
                  model=make_tiny_llama(), tokenizer=tokenizer, dataset=chat_rows + [long_prompt])
     assert math.isfinite(_metrics(result.output_dir)[0]["loss"])
+
+
+def test_report_to_tensorboard_writes_events(tmp_path, tokenizer, chat_rows):
+    """--report_to goes through accelerate's trackers: tensorboard event files appear."""
+    result = sft(_config(tmp_path, "tb", max_steps=2, report_to=["tensorboard"]), model=make_tiny_llama(),
+                 tokenizer=tokenizer, dataset=chat_rows)
+    events = list(result.output_dir.rglob("events.out.tfevents*"))
+    assert events, "no tensorboard event file written"
