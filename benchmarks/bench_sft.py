@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import workload
+import workload  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # posttrain tokens/s >= 3x TRL's
 TARGET_MEMORY = 0.5  # posttrain peak RSS <= 0.5x TRL's

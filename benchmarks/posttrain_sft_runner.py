@@ -99,25 +99,25 @@ def main() -> None:
     if rc != 0:
         raise SystemExit(f"posttrain sft failed with exit code {rc}")
 
-    lines = [json.loads(l) for l in (output_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    steps_log = [l for l in lines if "loss" in l]
+    records = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps_log = [rec for rec in records if "loss" in rec]
     summary_path = output_dir / "run_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
     per_step = []
     prev_elapsed = 0.0
-    for l in steps_log:
-        elapsed = _first(l, "elapsed_seconds", "elapsed")
+    for rec in steps_log:
+        elapsed = _first(rec, "elapsed_seconds", "elapsed")
         per_step.append({
-            "step": l.get("step"),
-            "loss": l.get("loss"),
-            "grad_norm": l.get("grad_norm"),
-            "learning_rate": _first(l, "learning_rate", "lr"),
-            "num_tokens": _first(l, "num_tokens", "tokens"),
-            "num_loss_tokens": _first(l, "num_loss_tokens", "num_trained_tokens", "loss_tokens"),
+            "step": rec.get("step"),
+            "loss": rec.get("loss"),
+            "grad_norm": rec.get("grad_norm"),
+            "learning_rate": _first(rec, "learning_rate", "lr"),
+            "num_tokens": _first(rec, "num_tokens", "tokens"),
+            "num_loss_tokens": _first(rec, "num_loss_tokens", "num_trained_tokens", "loss_tokens"),
             "step_seconds": (elapsed - prev_elapsed) if elapsed is not None else None,
             "elapsed_seconds": elapsed,
-            "tokens_per_second": l.get("tokens_per_second"),
+            "tokens_per_second": rec.get("tokens_per_second"),
         })
         if elapsed is not None:
             prev_elapsed = elapsed

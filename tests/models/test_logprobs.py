@@ -301,3 +301,17 @@ def test_check_packing_support():
 
     with pytest.raises(ValueError, match="packed"):
         check_packing_support(Fake())
+
+
+def test_target_mask_scores_only_targets_and_matches_full():
+    """Positions outside target_mask come back 0 and the scored ones equal the unmasked run."""
+    model = _tiny()
+    wrapped = LogProbModel(model, chunk_size=3)
+    ids = torch.randint(3, TINY_V, (2, 9), generator=torch.Generator().manual_seed(1))
+    full = wrapped(ids)["logps"]
+    tm = torch.zeros(2, 8, dtype=torch.bool)
+    tm[0, 4:] = True
+    tm[1, 2:5] = True
+    part = wrapped(ids, target_mask=tm)["logps"]
+    torch.testing.assert_close(part[tm], full[tm])
+    assert (part[~tm] == 0).all()

@@ -234,6 +234,7 @@ class LogProbModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         *,
+        target_mask: Tensor | None = None,
         with_entropy: bool = False,
         with_accuracy: bool = False,
         temperature: float = 1.0,
@@ -246,6 +247,9 @@ class LogProbModel(nn.Module):
         "correct": (B, T-1) bool | None}``: entry t scores token t+1 given tokens <= t. Positions
         whose input or target is padding are 0 / False — mask them (labels come from explicit
         masks, never from these zeros).
+
+        target_mask (B, T-1), optional: only these positions are scored (others come back 0), so
+        prompt tokens that carry no loss cost no vocabulary matmul either.
         """
         backbone, head, config = self._parts()
         # use_cache=False: with a KV cache transformers skips packed-sequence detection
@@ -263,6 +267,8 @@ class LogProbModel(nn.Module):
             keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
         else:
             keep = torch.ones_like(targets, dtype=torch.bool)
+        if target_mask is not None:
+            keep = keep & target_mask.bool()
         # only real positions go through the head: padding costs no vocabulary matmul
         idx = keep.reshape(-1).nonzero().squeeze(1)
         h = hidden.reshape(b * t1, -1).index_select(0, idx)

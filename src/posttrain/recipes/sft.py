@@ -194,9 +194,11 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
                 # Gradients are all-reduced once, on the step's last micro-batch.
                 sync = accelerator.no_sync(scorer) if k < len(micro_batches) - 1 else nullcontext()
                 with sync:
+                    target_mask = batch["completion_mask"][:, 1:]
                     out = scorer(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 position_ids=batch.get("position_ids"), with_accuracy=True)
-                    mask = batch["completion_mask"][:, 1:].to(out["logps"].dtype)
+                                 position_ids=batch.get("position_ids"), target_mask=target_mask,
+                                 with_accuracy=True)
+                    mask = target_mask.to(out["logps"].dtype)
                     # DDP averages gradients over processes; × world turns that back into the global sum.
                     loss = sft_nll_loss(out["logps"], mask, normalizer=step_targets) * world
                     accelerator.backward(loss)
@@ -211,6 +213,7 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
                 raise NonFiniteLossError(
                     f"step {step + 1}: loss {step_loss.item()} / grad norm {float(grad_norm)} is not finite; "
                     f"the update was not applied and the run stopped{where}")
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step trained with
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -232,7 +235,7 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
             if done % config.logging_steps == 0 or done == steps:
                 metrics.log(done, {
                     "loss": window["loss"] / window["steps"],
-                    "learning_rate": scheduler.get_last_lr()[0],
+                    "learning_rate": step_lr,
                     "grad_norm": float(grad_norm),
                     "mean_token_accuracy": window["correct"] / max(window["targets"], 1),
                     "num_tokens": num_tokens,
