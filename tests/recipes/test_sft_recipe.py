@@ -126,9 +126,9 @@ def test_pitfall_19_resume_is_bit_identical(tmp_path, tokenizer, chat_rows, monk
                    dataset=chat_rows)
 
     out = tmp_path / "interrupted"
-    import posttrain.recipes.sft as recipe
+    import posttrain.engine.session as session
 
-    monkeypatch.setattr(recipe, "GracefulStop", lambda: _StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
+    monkeypatch.setattr(session, "GracefulStop", lambda: _StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
     first = sft(_config(tmp_path, "interrupted", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
                 dataset=chat_rows)
     assert first.stopped_early and not (out / "model.safetensors").exists()

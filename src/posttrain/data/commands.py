@@ -13,7 +13,7 @@ from posttrain.data.chat_masks import visible
 from posttrain.data.formats import DataFormat, describe_format, detect_format
 from posttrain.data.loading import load_rows
 from posttrain.data.prepare import prepare_sft_examples
-from posttrain.data.validation import check_kind, validate_rows
+from posttrain.data.validation import KIND_ALIASES, check_kind, validate_rows
 
 TRAINED_STYLE = "black on green"
 UNTRAINED_STYLE = "dim"
@@ -54,17 +54,28 @@ def run_validate(
     max_length: int | None = None,
     assistant_only_loss: bool = False,
     completion_only_loss: bool = True,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
 ) -> int:
     """Print the detected format, row count, every error as ``file:row: field: problem`` and a
-    summary; with a tokenizer (or a max_length: then the default tokenizer) also tokenise and
-    print the truncation report (masks as in training: assistant_only_loss,
-    completion_only_loss). Exit code 0 when clean, else 1."""
+    summary; with a tokenizer (or a max_length / max_prompt_length: then the default tokenizer)
+    also tokenise and print the truncation report (masks as in training: assistant_only_loss,
+    completion_only_loss). kind 'preference' (reward/dpo) and 'unpaired' (kto) also print
+    warnings (duplicate rows, near-duplicate pairs) and, when tokenising, the prompt/completion
+    truncation with max_prompt_length and truncation_mode. Exit code 0 when clean, else 1
+    (warnings do not fail)."""
     console = _console()
     got = _load_and_detect(console, path, split, kind)
     if got is None:
         return 1
     loaded, fmt = got
-    errors = validate_rows(loaded, fmt, kind)
+    kind = KIND_ALIASES.get(kind, kind)
+    if kind in ("preference", "unpaired"):
+        from posttrain.data.preference import validate_preference_rows
+
+        errors = validate_preference_rows(loaded, fmt, kind)
+    else:
+        errors = validate_rows(loaded, fmt, kind)
     for e in errors:
         console.print(escape(str(e)))
     if errors:
@@ -73,6 +84,18 @@ def run_validate(
         return 1
     console.print(f"[green]no errors[/green] in {len(loaded.rows)} rows")
     want_tokens = tokenizer_name_or_path is not None or max_length is not None
+    if kind in ("preference", "unpaired"):
+        return _validate_preference(
+            console,
+            loaded,
+            fmt,
+            kind,
+            want_tokens,
+            tokenizer_name_or_path,
+            max_length,
+            max_prompt_length,
+            truncation_mode,
+        )
     if want_tokens and kind == "sft":
         tokenizer = load_tokenizer(tokenizer_name_or_path)
         _, report = prepare_sft_examples(
@@ -85,6 +108,46 @@ def run_validate(
         )
         for line in report.lines():
             console.print(escape(line))
+    return 0
+
+
+def _validate_preference(
+    console,
+    loaded,
+    fmt,
+    kind,
+    want_tokens,
+    tokenizer_name_or_path,
+    max_length,
+    max_prompt_length,
+    truncation_mode,
+) -> int:
+    from posttrain.data import preference
+
+    if not (want_tokens or max_prompt_length is not None):
+        for w in preference.preference_warnings(loaded, fmt):
+            console.print(f"[yellow]warning:[/yellow] {escape(w)}")
+        return 0
+    tokenizer = load_tokenizer(tokenizer_name_or_path)
+    prepare = (
+        preference.prepare_preference_examples
+        if kind == "preference"
+        else preference.prepare_unpaired_examples
+    )
+    try:
+        _, report = prepare(
+            loaded,
+            fmt,
+            tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+        )
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return 1
+    for line in report.lines():
+        console.print(escape(line))
     return 0
 
 

@@ -7,6 +7,7 @@
 | conversational_prompt_completion  | prompt, completion (lists of messages)              |
 | messages                          | messages (or ShareGPT ``conversations``: from/value) |
 | preference                        | chosen, rejected, optional prompt (strings or lists)|
+| unpaired_preference               | prompt, completion, label (bool) — KTO              |
 | prompt_only                       | prompt                                              |
 """
 
@@ -21,6 +22,7 @@ class DataFormat(str, Enum):
     CONVERSATIONAL_PROMPT_COMPLETION = "conversational_prompt_completion"
     MESSAGES = "messages"
     PREFERENCE = "preference"
+    UNPAIRED_PREFERENCE = "unpaired_preference"
     PROMPT_ONLY = "prompt_only"
 
 
@@ -33,6 +35,10 @@ _DESCRIPTIONS = {
     ),
     DataFormat.MESSAGES: "conversations: a 'messages' list of {role, content}, rendered with the chat template",
     DataFormat.PREFERENCE: "preference pairs: 'chosen' and 'rejected' (with an optional 'prompt')",
+    DataFormat.UNPAIRED_PREFERENCE: (
+        "unpaired preference (KTO): 'prompt', 'completion' and a boolean 'label' "
+        "(true = desirable)"
+    ),
     DataFormat.PROMPT_ONLY: "prompts only: a 'prompt' column (completions are generated)",
 }
 
@@ -97,6 +103,8 @@ def detect_format(rows: list[dict], source: str) -> DataFormat:
         return DataFormat.MESSAGES
     if "chosen" in columns and "rejected" in columns:
         return DataFormat.PREFERENCE
+    if "prompt" in columns and "completion" in columns and "label" in columns:
+        return DataFormat.UNPAIRED_PREFERENCE
     if "prompt" in columns and "completion" in columns:
         first = next((r["prompt"] for r in rows if isinstance(r, dict) and r.get("prompt") is not None), "")
         if _is_conversational(first):
@@ -110,11 +118,12 @@ def detect_format(rows: list[dict], source: str) -> DataFormat:
     raise DataValidationError(
         message=f"{source}: cannot tell the data format from the columns found ({found}); expected one of: "
         "'text' | 'prompt' + 'completion' | 'messages' (or 'conversations') | "
-        "'chosen' + 'rejected' (+ optional 'prompt') | 'prompt'"
+        "'chosen' + 'rejected' (+ optional 'prompt') | 'prompt' + 'completion' + 'label' | 'prompt'"
     )
 
 
 def is_conversational_row(row: dict, fmt: DataFormat) -> bool:
-    """Whether a PREFERENCE / PROMPT_ONLY row holds message lists rather than strings."""
+    """Whether a PREFERENCE / UNPAIRED_PREFERENCE / PROMPT_ONLY row holds message lists rather
+    than strings."""
     key = "chosen" if fmt == DataFormat.PREFERENCE else "prompt"
     return _is_conversational(row.get(key))

@@ -6,6 +6,7 @@ compute is spent. Nested fields are named like ``messages[2].role``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,13 +27,18 @@ KIND_FORMATS = {
         DataFormat.MESSAGES,
     ),
     "preference": (DataFormat.PREFERENCE,),
+    # KTO: unpaired examples, or pairs (each gives a desirable and an undesirable example).
+    "unpaired": (DataFormat.UNPAIRED_PREFERENCE, DataFormat.PREFERENCE),
     "prompt": (
         DataFormat.PROMPT_ONLY,
         DataFormat.PROMPT_COMPLETION,
         DataFormat.CONVERSATIONAL_PROMPT_COMPLETION,
         DataFormat.PREFERENCE,
+        DataFormat.UNPAIRED_PREFERENCE,
     ),
 }
+# Other names accepted for a kind.
+KIND_ALIASES = {"reward": "preference", "dpo": "preference", "kto": "unpaired"}
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,8 @@ def _check_row(row: dict, fmt: DataFormat, kind: str, out: list) -> None:
             _check_messages(row[key], key, out, require_assistant=sft, must_end_with_assistant=sft)
     elif fmt == DataFormat.PREFERENCE:
         _check_preference(row, out, need)
+    elif fmt == DataFormat.UNPAIRED_PREFERENCE:
+        _check_unpaired(row, out, need)
     elif fmt == DataFormat.PROMPT_ONLY and need("prompt"):
         if isinstance(row["prompt"], list):
             _check_messages(
@@ -220,12 +228,43 @@ def _check_preference(row: dict, out: list, need) -> None:
         ok &= _check_string(rejected, "rejected", out)
     if ok and chosen == rejected:
         out.append(("rejected", "identical to chosen (the pair carries no preference)"))
+    elif ok and not has_prompt:
+        # Implicit prompt: chosen and rejected must share it.
+        from posttrain.data.preference import PromptSplitError, split_pair
+
+        try:
+            split_pair(row)
+        except PromptSplitError as e:
+            out.append((e.field, e.problem))
+    _check_margin(row, out)
+
+
+def _check_margin(row: dict, out: list) -> None:
+    margin = row.get("margin")
+    if margin is None:
+        return
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        out.append(("margin", f"expected a number, got {_tname(margin)}"))
+    elif not math.isfinite(margin):
+        out.append(("margin", f"expected a finite number, got {margin}"))
+
+
+def _check_unpaired(row: dict, out: list, need) -> None:
+    has_p, has_c = need("prompt"), need("completion")
+    if has_p and has_c and (isinstance(row["prompt"], list) or isinstance(row["completion"], list)):
+        for key, assistant in (("prompt", False), ("completion", True)):
+            _check_messages(row[key], key, out, require_assistant=assistant, must_end_with_assistant=False)
+    else:
+        for key, present in (("prompt", has_p), ("completion", has_c)):
+            if present:
+                _check_string(row[key], key, out)
+    if need("label") and not isinstance(row["label"], bool):
+        out.append(("label", f"expected true or false, got {_tname(row['label'])}"))
 
 
 def check_kind(fmt: DataFormat, kind: str, source: str) -> None:
     """Raise DataValidationError when a dataset's format cannot be used for this kind of training."""
-    if kind == "reward":
-        kind = "preference"
+    kind = KIND_ALIASES.get(kind, kind)
     if kind not in KIND_FORMATS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of: {', '.join(KIND_FORMATS)}")
     if fmt not in KIND_FORMATS[kind]:
@@ -239,12 +278,13 @@ def validate_rows(loaded: LoadedRows, fmt: DataFormat, kind: str = "sft") -> lis
     """Every problem in ``loaded`` (including JSON parse errors) as RowErrors, in file order.
 
     kind: 'sft' (conversations must contain and end with an assistant turn), 'preference'
-    (alias 'reward'), or 'prompt' (prompts for online methods). Raises ValueError when the
+    (aliases 'reward', 'dpo'), 'unpaired' (alias 'kto'), or 'prompt' (prompts for online
+    methods). Raises ValueError when the
     format does not suit the kind at all (a DataValidationError with a message).
     """
     fmt = DataFormat(fmt)
     check_kind(fmt, kind, loaded.source)
-    kind = "preference" if kind == "reward" else kind
+    kind = KIND_ALIASES.get(kind, kind)
     errors = list(loaded.errors)
     for i, row in enumerate(loaded.rows):
         out: list[tuple[str, str]] = []

@@ -37,6 +37,12 @@ class BatchPlan:
         so a different remainder each epoch)."""
         return len(self.units) - self.steps_per_epoch * self.units_per_step
 
+    def require_one_step(self) -> None:
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.units)} training rows cannot fill one optimizer step of "
+                             f"{self.units_per_step}; lower --per_device_train_batch_size or "
+                             "--gradient_accumulation_steps")
+
     def epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

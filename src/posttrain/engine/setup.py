@@ -43,3 +43,19 @@ def describe_device(accelerator) -> str:
         name = f"{torch.get_num_threads()} CPU threads"
     return (f"device: {device} ({name}), processes: {accelerator.num_processes}, "
             f"mixed precision: {accelerator.mixed_precision}")
+
+
+def start_run(config):
+    """Accelerator + what the user sees first: the resolved config (also saved as config.yaml) and
+    the device line. Every recipe starts here."""
+    from posttrain.config import validate_training_config
+    from posttrain.engine.console import format_config, save_resolved_config
+
+    validate_training_config(config)
+    accelerator = build_accelerator(bf16=config.bf16, fp16=config.fp16, report_to=config.report_to,
+                                    output_dir=str(config.output_dir), seed=config.seed)
+    accelerator.print(format_config(config))
+    if accelerator.is_main_process:
+        save_resolved_config(config, config.output_dir)
+    accelerator.print(describe_device(accelerator))
+    return accelerator

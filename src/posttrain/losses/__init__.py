@@ -1,17 +1,37 @@
 """Loss functions: pure tensor math, importable with torch alone (no transformers, no config).
 
 ``LOSSES`` maps a ``loss_type`` name to its function; recipes look functions up with
-:func:`get_loss` so a misspelt name fails with the list of valid ones.
+:func:`get_loss` so a misspelt name fails with the list of valid ones. The pairwise preference
+family (DPO variants, SimPO, ORPO), which shares one signature, has its own registry
+``PREFERENCE_LOSSES`` and :func:`get_preference_loss` (its ``"sft"`` is the per-pair NLL of the
+chosen response, not the token-level :func:`sft_nll_loss` registered in ``LOSSES``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from posttrain.losses.kto import kto_kl_reference, kto_loss
+from posttrain.losses.preference import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE_LOSSES,
+    USES_AVERAGE_LOGPS,
+    USES_LABEL_SMOOTHING,
+    CombinedPreferenceLoss,
+    PreferenceLossOutput,
+    PreferenceLossParams,
+    combine_preference_losses,
+    get_preference_loss,
+)
 from posttrain.losses.reductions import AGGREGATION_MODES, aggregate_token_loss, masked_mean, masked_sum
+from posttrain.losses.reward import bradley_terry_loss, reward_accuracy, reward_margin
 from posttrain.losses.sft import sft_nll_loss, token_accuracy
 
-LOSSES: dict[str, Callable] = {"sft": sft_nll_loss}
+LOSSES: dict[str, Callable] = {
+    "sft": sft_nll_loss,
+    "bradley_terry": bradley_terry_loss,
+    "kto": kto_loss,
+}
 
 
 def get_loss(name: str) -> Callable:
@@ -26,10 +46,24 @@ def get_loss(name: str) -> Callable:
 __all__ = [
     "AGGREGATION_MODES",
     "LOSSES",
+    "PREFERENCE_LOSSES",
+    "REFERENCE_FREE_LOSSES",
+    "USES_AVERAGE_LOGPS",
+    "USES_LABEL_SMOOTHING",
+    "CombinedPreferenceLoss",
+    "PreferenceLossOutput",
+    "PreferenceLossParams",
     "aggregate_token_loss",
+    "bradley_terry_loss",
+    "combine_preference_losses",
     "get_loss",
+    "get_preference_loss",
+    "kto_kl_reference",
+    "kto_loss",
     "masked_mean",
     "masked_sum",
+    "reward_accuracy",
+    "reward_margin",
     "sft_nll_loss",
     "token_accuracy",
 ]

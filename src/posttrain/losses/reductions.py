@@ -80,3 +80,35 @@ def aggregate_token_loss(
     if isinstance(normalizer, Tensor):
         normalizer = normalizer.to(device=total.device, dtype=total.dtype)
     return total / normalizer
+
+
+def sequence_sums(
+    values: Tensor, mask: Tensor, segment_ids: Tensor, num_segments: int
+) -> tuple[Tensor, Tensor]:
+    """Per-segment sums of masked per-token values, and the number of masked-in tokens.
+
+    ``sums[s] = sum_{r,t: seg_rt = s} v_rt m_rt`` and ``counts[s] = sum_{r,t: seg_rt = s} m_rt``.
+
+    Shapes: values, mask, segment_ids (R, T'); returns sums (S,) in values' dtype and counts
+    (S,) long, S = num_segments. Works for padded batches (segment = row, R = S) and
+    padding-free ones (one row, many segments). Typical call: token log-probs (R, T-1),
+    ``completion_mask[:, 1:]``, ``segment_ids[:, 1:]`` -> sequence log-probs; ``sums /
+    counts.clamp(min=1)`` is the average log-prob (IPO). Entries with mask 0 or a negative
+    segment id (padding) are left out with ``where``, so NaN/inf there cannot leak in; a
+    segment with no tokens sums to 0. Segment ids must be < num_segments (not checked: that
+    would synchronise the device).
+    """
+    if not (values.shape == mask.shape == segment_ids.shape):
+        raise ValueError(
+            f"values {tuple(values.shape)}, mask {tuple(mask.shape)} and segment_ids "
+            f"{tuple(segment_ids.shape)} must have the same shape"
+        )
+    keep = mask.to(torch.bool) & (segment_ids >= 0)
+    seg = torch.where(keep, segment_ids, torch.zeros_like(segment_ids)).reshape(-1).to(torch.long)
+    zeros = torch.zeros((), dtype=values.dtype, device=values.device)
+    vals = torch.where(keep, values, zeros).reshape(-1)
+    sums = torch.zeros(num_segments, dtype=values.dtype, device=values.device).scatter_add(0, seg, vals)
+    counts = torch.zeros(num_segments, dtype=torch.long, device=values.device).scatter_add(
+        0, seg, keep.reshape(-1).to(torch.long)
+    )
+    return sums, counts
