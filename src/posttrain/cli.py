@@ -17,6 +17,9 @@ from posttrain.config import FLAG_ALIASES, ConfigError, check_keys, field_names,
 # command -> (module, config class name, function name, one-line description)
 TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sft": ("posttrain.recipes.sft", "SFTConfig", "sft", "supervised fine-tuning on chat, prompt-completion or text data"),
+    "reward": ("posttrain.recipes.reward", "RewardConfig", "reward", "train a reward model on preference pairs"),
+    "dpo": ("posttrain.recipes.dpo", "DPOConfig", "dpo", "direct preference optimisation and its variants"),
+    "kto": ("posttrain.recipes.kto", "KTOConfig", "kto", "KTO on unpaired desirable/undesirable completions"),
 }
 TOOL_COMMANDS: dict[str, str] = {
     "validate": "check a data file: format, row-numbered errors, truncation report",
@@ -104,6 +107,8 @@ class ValidateArgs:
     dataset_split: str = "train"
     tokenizer_name_or_path: str | None = None
     max_length: int | None = None
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
 
 
 @dataclass
@@ -130,7 +135,8 @@ def _run_validate(argv: list[str]) -> int:
     from posttrain.data.commands import run_validate
 
     return run_validate(args.path, kind=args.kind, split=args.dataset_split,
-                        tokenizer_name_or_path=args.tokenizer_name_or_path, max_length=args.max_length)
+                        tokenizer_name_or_path=args.tokenizer_name_or_path, max_length=args.max_length,
+                        max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode)
 
 
 def _run_mask_preview(argv: list[str]) -> int:

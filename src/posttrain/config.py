@@ -47,12 +47,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the training data comes from and how it becomes token batches."""
+    """Where the training data comes from."""
 
     dataset_name: str | None = _f(None, "A JSONL/JSON/CSV/Parquet file, a directory of them, or a hub dataset.")
     dataset_config: str | None = _f(None, "Hub dataset configuration name.")
     dataset_split: str = _f("train", "Split to train on (alias: --dataset_train_split).")
     max_length: int | None = _f(1024, "Longest sequence in tokens; longer rows are truncated (reported).")
+
+
+@dataclass
+class SFTDataConfig(DataConfig):
+    """How SFT rows become token batches."""
+
     truncation_side: str = _f("right", "Which end to cut over-long rows from: right or left.")
     packing: bool = _f(False, "Pack examples into rows of max_length (best-fit decreasing), padding-free.")
     padding_free: bool = _f(False, "Concatenate each batch into one row without padding (implied by --packing).")
@@ -60,6 +66,29 @@ class DataConfig:
         None, "Prompt-completion data: train on the completion only (default True).")
     assistant_only_loss: bool = _f(False, "Conversational data: train on assistant turns only.")
     dataset_text_field: str = _f("text", "Column holding raw text for language-modelling data.")
+
+
+@dataclass
+class PreferenceDataConfig(DataConfig):
+    """Preference pairs (or KTO's unpaired rows): truncation, batching and the held-out split."""
+
+    max_prompt_length: int | None = _f(512, "Longest prompt in tokens; longer prompts are truncated first.")
+    truncation_mode: str = _f("keep_end", "Prompt truncation: keep_end (keep its last tokens) or keep_start.")
+    padding_free: bool = _f(False, "Run each batch's sequences as one padding-free row (position_ids restart).")
+    eval_split_ratio: float = _f(0.0, "Hold out this fraction of the data for evaluation metrics.")
+    eval_dataset_name: str | None = _f(None, "A separate held-out preference file (instead of a split).")
+    per_device_eval_batch_size: int = _f(8, "Pairs per evaluation batch.")
+    eval_steps: int = _f(0, "Evaluate every this many optimizer steps (0: only at the end).")
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy of KL-regularised methods."""
+
+    ref_model_name_or_path: str | None = _f(
+        None, "Reference model; default: the starting policy (with LoRA: the adapter disabled, no second copy).")
+    precompute_ref_log_probs: bool = _f(
+        False, "Compute reference log-probs once before training and cache them on disk (no reference in memory).")
 
 
 @dataclass
@@ -95,10 +124,49 @@ class TrainingConfig:
 
 
 @dataclass
-class SFTConfig(ModelConfig, DataConfig, TrainingConfig):
+class SFTConfig(ModelConfig, SFTDataConfig, TrainingConfig):
     """Supervised fine-tuning (`posttrain sft`)."""
 
     output_dir: str = _f("runs/sft", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+
+
+@dataclass
+class RewardConfig(ModelConfig, PreferenceDataConfig, TrainingConfig):
+    """Reward modelling with a Bradley-Terry loss (`posttrain reward`)."""
+
+    output_dir: str = _f("runs/reward", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
+    num_train_epochs: float = _f(1.0, "Passes over the data when --max_steps is not set.")
+    center_rewards_coefficient: float | None = _f(
+        None, "Weight of the (r_chosen + r_rejected)^2 penalty that keeps rewards centred at 0 (e.g. 0.01).")
+
+
+@dataclass
+class DPOConfig(ModelConfig, PreferenceDataConfig, ReferenceConfig, TrainingConfig):
+    """Direct preference optimisation and its variants (`posttrain dpo`)."""
+
+    output_dir: str = _f("runs/dpo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
+    num_train_epochs: float = _f(1.0, "Passes over the data when --max_steps is not set.")
+    beta: float = _f(0.1, "KL strength beta (ORPO: the odds-ratio weight lambda).")
+    loss_type: list[str] = _f(["sigmoid"], "One or more of: sigmoid hinge ipo robust exo_pair nca_pair bco_pair "
+                                           "sppo_hard aot aot_pair apo_zero apo_down discopop sft simpo orpo.")
+    loss_weights: list[float] | None = _f(None, "Weights of the --loss_type terms (default: all 1).")
+    label_smoothing: float = _f(0.0, "Label noise epsilon for sigmoid (cDPO), robust and exo_pair.")
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
+    discopop_tau: float = _f(0.05, "DiscoPOP temperature tau.")
+
+
+@dataclass
+class KTOConfig(ModelConfig, PreferenceDataConfig, ReferenceConfig, TrainingConfig):
+    """Kahneman-Tversky optimisation on unpaired good/bad completions (`posttrain kto`)."""
+
+    output_dir: str = _f("runs/kto", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
+    num_train_epochs: float = _f(1.0, "Passes over the data when --max_steps is not set.")
+    beta: float = _f(0.1, "KL strength beta.")
+    desirable_weight: float = _f(1.0, "Loss weight of desirable (label true) rows.")
+    undesirable_weight: float = _f(1.0, "Loss weight of undesirable (label false) rows.")
 
 
 # Names TRL / transformers accept that mean the same as one of ours.
