@@ -79,3 +79,52 @@ def write_files(out_dir: Path = DATA_DIR) -> None:
 if __name__ == "__main__":
     write_files()
     print(f"wrote {DATA_DIR}")
+
+
+def rejected_text(problem: dict, rng: random.Random) -> str:
+    """A worse reply to the same problem: the right working without the required `#### N` line,
+    a wrong number in the right format, or a refusal. Verifiably worse by `check_answer`."""
+    a, op, b, ans = problem["a"], problem["op"], problem["b"], int(problem["answer"])
+    kind = rng.random()
+    if kind < 0.6:
+        return f"{a} {op} {b} = {ans}."
+    if kind < 0.7:
+        wrong = ans + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+        return f"{a} {op} {b} = {wrong}.\n#### {wrong}"
+    return "I am not able to help with arithmetic."
+
+
+def generate_preferences(seed: int = 4321, n_train: int = 256, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
+    """Preference pairs (conversational, explicit prompt) on the arithmetic task: chosen is the
+    correct answer in the required format, rejected a verifiably worse reply. Held-out pairs use
+    problems that never appear in training."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows = []
+    while len(rows) < n_train + n_eval:
+        p = make_problem(rng)
+        key = f"{p['a']}{p['op']}{p['b']}"
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"prompt": [{"role": "user", "content": p["prompt"]}],
+                     "chosen": [{"role": "assistant", "content": solution_text(p)}],
+                     "rejected": [{"role": "assistant", "content": rejected_text(p, rng)}],
+                     "answer": p["answer"]})
+    return rows[:n_train], rows[n_train:]
+
+
+def generate_unpaired(seed: int = 987, n_train: int = 256, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
+    """KTO rows (prompt, completion, label) from the same pairs, unpaired: each problem contributes
+    either its good or its bad reply (about 60 % desirable, so the classes are unequal)."""
+    rng = random.Random(seed)
+    train, held_out = generate_preferences(seed=seed, n_train=n_train, n_eval=n_eval)
+
+    def unpair(rows):
+        out = []
+        for r in rows:
+            good = rng.random() < 0.6
+            out.append({"prompt": r["prompt"], "completion": r["chosen"] if good else r["rejected"], "label": good})
+        return out
+
+    return unpair(train), unpair(held_out)
