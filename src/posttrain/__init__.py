@@ -8,10 +8,10 @@ Recipes import torch/transformers only when called, so `import posttrain` stays 
 
 from __future__ import annotations
 
-from posttrain.config import SFTConfig
+from posttrain.config import DPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 __version__ = "0.1.0"
-__all__ = ["SFTConfig", "sft", "__version__"]
+__all__ = ["DPOConfig", "KTOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo", "kto", "reward", "sft"]
 
 
 def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None):
@@ -19,3 +19,26 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None):
     from posttrain.recipes.sft import sft as run
 
     return run(config, model=model, tokenizer=tokenizer, dataset=dataset)
+
+
+def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None, ref_model=None):
+    """DPO and its variants; see posttrain.recipes.dpo.dpo."""
+    from posttrain.recipes.dpo import dpo as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, eval_dataset=eval_dataset,
+               ref_model=ref_model)
+
+
+def reward(config: RewardConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None):
+    """Reward modelling (Bradley-Terry); see posttrain.recipes.reward.reward."""
+    from posttrain.recipes.reward import reward as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, eval_dataset=eval_dataset)
+
+
+def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_dataset=None, ref_model=None):
+    """KTO on unpaired desirable/undesirable completions; see posttrain.recipes.kto.kto."""
+    from posttrain.recipes.kto import kto as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, eval_dataset=eval_dataset,
+               ref_model=ref_model)

@@ -56,12 +56,15 @@ class TrainingSession:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
         self.start_step, self.num_tokens, elapsed = 0, 0, 0.0
+        # Recipe state that must survive a resume (e.g. BCO's running reward mean); JSON-able values.
+        self.extra_state: dict = {}
         if accelerator.is_main_process:
             remove_stale_temporaries(self.output_dir)
         self.resumed_from = resolve_resume_path(config.resume_from_checkpoint, self.output_dir)
         if self.resumed_from is not None:
             state = load_checkpoint(accelerator, self.resumed_from)
             self.start_step, self.num_tokens, elapsed = state["step"], state["num_tokens"], state["elapsed_seconds"]
+            self.extra_state = state.get("extra", {})
             accelerator.print(f"resumed from {self.resumed_from} at step {self.start_step}")
         self.last_checkpoint: Path | None = self.resumed_from
         self.timer = StepTimer(elapsed)
@@ -155,7 +158,7 @@ class TrainingSession:
         if save_now or self._stop.requested:
             self.last_checkpoint = save_checkpoint(
                 self.accelerator, self.output_dir, done,
-                {"num_tokens": self.num_tokens, "elapsed_seconds": self.timer.elapsed},
+                {"num_tokens": self.num_tokens, "elapsed_seconds": self.timer.elapsed, "extra": self.extra_state},
                 save_total_limit=cfg.save_total_limit)
         if self._stop.requested:
             self.accelerator.print(f"{self._stop.signal_name}: stopped after step {done}; checkpoint saved at "
