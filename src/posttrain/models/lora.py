@@ -11,8 +11,12 @@ def apply_lora(
     dropout: float = 0.05,
     target_modules: list[str] | str | None = None,
     gradient_checkpointing: bool = False,
+    task_type: str = "CAUSAL_LM",
 ):
-    """Wrap ``model`` in a peft LoRA model (task CAUSAL_LM); only the adapters are trainable.
+    """Wrap ``model`` in a peft LoRA model; only the adapters are trainable.
+
+    task_type: "CAUSAL_LM" (policies) or "SEQ_CLS" (reward models: peft then also trains and
+    saves the score head, ``modules_to_save``, and never puts LoRA on it).
 
     target_modules None -> "all-linear" (every linear layer except the output head).
     With gradient checkpointing the embeddings' output must require grad, else the checkpointed
@@ -31,7 +35,7 @@ def apply_lora(
             enable_gradient_checkpointing(model)
         model.enable_input_require_grads()
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,

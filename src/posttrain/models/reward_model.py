@@ -125,7 +125,14 @@ def load_reward_model(
               "use_safetensors": True, "num_labels": 1}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the new score head "MISSING": expected here
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if any(k.split(".")[0] == "score" for k in info.get("missing_keys", ())):
         init_score_head(model)  # created here, not read from the checkpoint
     _set_pad(model, pad_token_id)
@@ -288,3 +295,30 @@ class RewardModelReward:
             for i, v in zip(chunk, out.tolist()):
                 scores[i] = float(v)
         return scores
+
+
+def prepare_reward_model_for_training(config, model=None, tokenizer=None, log=print):
+    """The reward-model counterpart of :func:`posttrain.models.setup.prepare_model_for_training`:
+    load (or convert a given causal LM), pad id from the tokenizer, gradient checkpointing, LoRA
+    with task SEQ_CLS (the score head is trained in full and saved with the adapter), train mode."""
+    from posttrain.models.lora import apply_lora
+
+    pad = None if tokenizer is None else tokenizer.pad_token_id
+    if model is None:
+        model = load_reward_model(config.model_name_or_path, dtype=config.dtype,
+                                  attn_implementation=config.attn_implementation, revision=config.model_revision,
+                                  trust_remote_code=config.trust_remote_code,
+                                  gradient_checkpointing=config.gradient_checkpointing, pad_token_id=pad)
+    else:
+        model = as_reward_model(model, pad)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+    if config.use_peft and not hasattr(model, "peft_config"):
+        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                           target_modules=config.lora_target_modules,
+                           gradient_checkpointing=config.gradient_checkpointing, task_type="SEQ_CLS")
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {type(_unwrap_peft(model)).__name__} (score head: 1 output), dtype "
+        f"{next(model.parameters()).dtype}, {trainable:,} trainable parameters")
+    return model

@@ -23,6 +23,7 @@ import torch
 from posttrain.config import DPOConfig
 from posttrain.engine.batching import BatchPlan, total_steps
 from posttrain.engine.console import format_batch_plan
+from posttrain.engine.sequence_batches import batch_to_device, scorer_kwargs, sequence_logps
 from posttrain.engine.session import TrainingSession
 from posttrain.engine.setup import start_run
 
@@ -37,32 +38,13 @@ class DPOResult:
     eval_metrics: dict[str, float]
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def _sequence_logps(token_logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of completion log-probs (S,) and completion lengths (S,)."""
-    from posttrain.losses.reductions import sequence_sums
-
-    mask = batch["completion_mask"][:, 1:]
-    sums, counts = sequence_sums(token_logps, mask.to(token_logps.dtype), batch["segment_ids"][:, 1:],
-                                 batch["num_sequences"])
-    return sums, counts
-
-
-def _forward_kwargs(batch: dict) -> dict:
-    return {"attention_mask": batch.get("attention_mask"), "position_ids": batch.get("position_ids"),
-            "target_mask": batch["completion_mask"][:, 1:]}
-
-
 def _reference_logps_for(reference, policy_scorer, cached, indices, batch, device):
     """(2B,) reference sums for a batch: from the cache by example index, or a no-grad forward."""
     if cached is not None:
         idx = torch.tensor(indices)
         return torch.cat([cached["chosen"][idx], cached["rejected"][idx]]).to(device)
-    logps = reference.token_logps(policy_scorer, batch["input_ids"], **_forward_kwargs(batch))
-    return _sequence_logps(logps, batch)[0]
+    logps = reference.token_logps(policy_scorer, batch["input_ids"], **scorer_kwargs(batch))
+    return sequence_logps(logps, batch)[0]
 
 
 def _precompute_reference(examples, reference, policy_scorer, *, pad_token_id, padding_free, device,
@@ -85,7 +67,7 @@ def _precompute_reference(examples, reference, policy_scorer, *, pad_token_id, p
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        batch = _to_device(collate_preference(chunk, pad_token_id=pad_token_id, padding_free=padding_free), device)
+        batch = batch_to_device(collate_preference(chunk, pad_token_id=pad_token_id, padding_free=padding_free), device)
         sums = _reference_logps_for(reference, policy_scorer, None, None, batch, device)
         chosen.append(sums[: len(chunk)].float().cpu())
         rejected.append(sums[len(chunk):].float().cpu())
@@ -210,9 +192,9 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
         with torch.no_grad():
             for start in range(0, len(held_out), config.per_device_eval_batch_size):
                 idx = list(range(start, min(start + config.per_device_eval_batch_size, len(held_out))))
-                batch = _to_device(collate_preference([held_out[i] for i in idx], pad_token_id=pad_id,
+                batch = batch_to_device(collate_preference([held_out[i] for i in idx], pad_token_id=pad_id,
                                                       padding_free=config.padding_free), device)
-                sums, counts = _sequence_logps(scorer(batch["input_ids"], **_forward_kwargs(batch))["logps"], batch)
+                sums, counts = sequence_logps(scorer(batch["input_ids"], **scorer_kwargs(batch))["logps"], batch)
                 ref = None if reference is None else _reference_logps_for(reference, scorer, cached_eval, idx,
                                                                           batch, device)
                 out = _pair_losses(config, sums, counts, ref, run.extra_state.get("bco_delta", 0.0))
@@ -233,11 +215,11 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
             step_tokens = 0
             bco_delta = run.extra_state.get("bco_delta", 0.0)
             for k, indices in enumerate(micro):
-                batch = _to_device(collate_preference([train[i] for i in indices], pad_token_id=pad_id,
+                batch = batch_to_device(collate_preference([train[i] for i in indices], pad_token_id=pad_id,
                                                       padding_free=config.padding_free), device)
                 with run.sync(k, len(micro)):
-                    out_tok = run.module(batch["input_ids"], **_forward_kwargs(batch))
-                    sums, counts = _sequence_logps(out_tok["logps"], batch)
+                    out_tok = run.module(batch["input_ids"], **scorer_kwargs(batch))
+                    sums, counts = sequence_logps(out_tok["logps"], batch)
                     ref = None
                     if reference is not None:
                         ref = _reference_logps_for(reference, run.unwrapped(), cached_train, indices, batch,
