@@ -78,11 +78,13 @@ def test_pitfall_09_reward_read_at_last_real_token(tokenizer, sequences):
         flat = torch.tensor([[t for s in sequences for t in s]])
         free = scorer(flat, seq_lens=[len(s) for s in sequences])
     assert single.dtype == torch.float32 and single.shape == (8,)
-    torch.testing.assert_close(right, single, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(left, single, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(free, single, atol=1e-5, rtol=1e-5)
+    # fp32 round-off only (measured: <= 3e-7 on scores of size ~0.5)
+    torch.testing.assert_close(right, single, atol=1e-6, rtol=0)
+    torch.testing.assert_close(left, single, atol=1e-6, rtol=0)
+    torch.testing.assert_close(free, single, atol=1e-6, rtol=0)
 
-    # The test can fail: the score at the first pad after a short sequence is another number ...
+    # The test can fail: the score at the first pad after a short sequence is another number
+    # (close, since that pad is the same <|im_end|> id, but >= 50x the tolerance above) ...
     ids, mask = _padded(sequences, pad, "right")
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -92,9 +94,8 @@ def test_pitfall_09_reward_read_at_last_real_token(tokenizer, sequences):
         # ... and so is HF's own rule (rightmost token != pad id): with pad == eos it reads the
         # token BEFORE the final <|im_end|>
         hf = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-    print((right-single).abs().max(), (left-single).abs().max(), (free-single).abs().max())
-    assert (at_pad - single[short]).abs().min() > 1e-3
-    assert (hf - single).abs().min() > 1e-3
+    assert (at_pad - single[short]).abs().min() > 1e-5
+    assert (hf - single).abs().min() > 1e-2
 
 
 def test_scores_under_bf16_autocast_are_fp32(tokenizer, sequences):
