@@ -232,7 +232,8 @@ def test_reward_lora_saves_an_adapter_that_reloads(tmp_path, tokenizer, tiny_mod
     assert meta["task_type"] == "SEQ_CLS" and not (out / "config.json").exists()
     live = _all_pairs_scores(result.model, train, tokenizer)
     for reloaded in (load_reward_model(str(out), is_trainable=False),
-                     AutoModelForSequenceClassification.from_pretrained(out)):
+                     # the base config is a causal LM's: num_labels=1 must be said (documented)
+                     AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)):
         torch.testing.assert_close(_all_pairs_scores(reloaded, train, tokenizer), live, atol=1e-5, rtol=0)
     rm = RewardModelReward(str(out), device="cpu")
     got = rm([r["prompt"] for r in train], [r["chosen"] for r in train])
