@@ -96,9 +96,11 @@ def test_kto_cli_from_jsonl(tmp_path, tiny_model_dir, rows):
     train, _ = rows
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train))
-    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "kto", "--model_name_or_path", tiny_model_dir,
-                           "--dataset_name", data, "--output_dir", tmp_path / "out", "--max_steps", "2",
-                           "--per_device_train_batch_size", "4", "--desirable_weight", "1.2", "--disable_tqdm"],
+    cfg = tmp_path / "kto.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n"
+                   "max_steps: 2\nper_device_train_batch_size: 4\ndesirable_weight: 1.2\ndisable_tqdm: true\n")
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "kto", "--config", cfg, "--undesirable_weight", "0.8"],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "desirable" in proc.stdout and (tmp_path / "out" / "model.safetensors").exists()
+    assert "weights desirable 1.2, undesirable 0.8" in proc.stdout
+    assert (tmp_path / "out" / "model.safetensors").exists()
