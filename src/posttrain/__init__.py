@@ -8,10 +8,11 @@ Recipes import torch/transformers only when called, so `import posttrain` stays 
 
 from __future__ import annotations
 
-from posttrain.config import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+from posttrain.config import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "KTOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo", "kto", "reward", "sft"]
+__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo", "grpo", "kto",
+           "reward", "sft"]
 
 
 def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None):
@@ -42,3 +43,10 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
 
     return run(config, model=model, tokenizer=tokenizer, dataset=dataset, eval_dataset=eval_dataset,
                ref_model=ref_model)
+
+
+def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None):
+    """GRPO with reward functions and/or a reward model; see posttrain.recipes.grpo.grpo."""
+    from posttrain.recipes.grpo import grpo as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs)

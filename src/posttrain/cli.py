@@ -20,6 +20,7 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "reward": ("posttrain.recipes.reward", "RewardConfig", "reward", "train a reward model on preference pairs"),
     "dpo": ("posttrain.recipes.dpo", "DPOConfig", "dpo", "direct preference optimisation and its variants"),
     "kto": ("posttrain.recipes.kto", "KTOConfig", "kto", "KTO on unpaired desirable/undesirable completions"),
+    "grpo": ("posttrain.recipes.grpo", "GRPOConfig", "grpo", "GRPO: sample groups, reward them, group-relative policy gradient"),
 }
 TOOL_COMMANDS: dict[str, str] = {
     "validate": "check a data file: format, row-numbered errors, truncation report",

@@ -169,6 +169,56 @@ class KTOConfig(ModelConfig, PreferenceDataConfig, ReferenceConfig, TrainingConf
     undesirable_weight: float = _f(1.0, "Loss weight of undesirable (label false) rows.")
 
 
+@dataclass
+class PromptDataConfig(DataConfig):
+    """Prompts for online methods (other columns, e.g. `answer`, are passed to reward functions)."""
+
+    max_prompt_length: int | None = _f(512, "Longest prompt in tokens; longer prompts are truncated.")
+    truncation_mode: str = _f("keep_end", "Prompt truncation: keep_end (keep its last tokens) or keep_start.")
+
+
+@dataclass
+class GenerationSettings:
+    """How the policy samples completions during training."""
+
+    num_generations: int = _f(8, "Completions sampled per prompt (the group size).")
+    max_completion_length: int = _f(256, "Longest completion in tokens; longer ones are cut (truncated).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")
+    top_k: int = _f(0, "Top-k sampling (0: off).")
+    stop_token: list[str] | None = _f(None, "Extra stop tokens besides the model's end-of-sequence ids.")
+    generation_backend: str = _f("hf", "Sampler: hf (transformers generate with KV cache) or vllm (GPU, [vllm] extra).")
+
+
+@dataclass
+class RewardSettings:
+    """Where rewards come from."""
+
+    reward_funcs: list[str] = _f([], "Reward functions: module:function, or built-ins accuracy, format, length_penalty.")
+    reward_weights: list[float] | None = _f(None, "Weights of the reward functions (default: all 1).")
+    reward_model_path: str | None = _f(None, "A reward model directory (posttrain reward output), used as a reward function.")
+
+
+@dataclass
+class GRPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSettings, RewardSettings, TrainingConfig):
+    """Group relative policy optimisation (`posttrain grpo`).
+
+    Batch semantics (as TRL): an optimizer step trains on per_device_train_batch_size x
+    gradient_accumulation_steps x processes completions, i.e. that number / num_generations prompts."""
+
+    output_dir: str = _f("runs/grpo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
+    num_train_epochs: float = _f(1.0, "Passes over the prompts when --max_steps is not set.")
+    beta: float = _f(0.0, "KL penalty weight (0: no reference model is loaded).")
+    kl_estimator: str = _f("k3", "Per-token KL estimator: k1, k2 or k3.")
+    loss_type: str = _f("dapo", "Aggregation: grpo (per-sequence mean), dr_grpo, dapo (global token mean), bnpo.")
+    scale_rewards: str = _f("group", "Advantage scaling: group (std of the group), batch, or none (Dr. GRPO).")
+    epsilon: float = _f(0.2, "Lower clip range of the importance ratio.")
+    epsilon_high: float | None = _f(None, "Upper clip range (default: --epsilon; DAPO uses 0.28).")
+    num_iterations: int = _f(1, "Optimisation passes over each batch of rollouts (mu).")
+    mask_truncated_completions: bool = _f(False, "Exclude completions cut by max_completion_length from the loss and its denominator.")
+
+
 # Names TRL / transformers accept that mean the same as one of ours.
 FLAG_ALIASES: dict[str, str] = {
     "dataset_train_split": "dataset_split",

@@ -1,0 +1,240 @@
+"""Group relative policy optimisation: `posttrain grpo` and `posttrain.grpo(GRPOConfig(...))`.
+
+Reads top to bottom: prompts → reward functions → policy (+ reference when beta > 0) → sampler →
+loop (generate → score → advantages → clipped policy loss [+ beta KL]) → save.
+
+For each prompt, G = num_generations completions are sampled; with rewards r and group-relative
+advantages A_i = (r_i - mean_group r) / std (per --scale_rewards), each completion token t gives
+
+    l_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_t,
+    rho_t = pi(y_t | ...) / pi_old(y_t | ...)
+
+aggregated per --loss_type (grpo: per-sequence mean; dapo: token mean over the whole optimizer
+step; dr_grpo: sum / (completions x max_completion_length); bnpo: token mean per micro-batch).
+The completions' token ids are used exactly as sampled (never decoded and re-encoded); text is
+decoded only for reward functions and logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import GRPOConfig
+from posttrain.engine.batching import BatchPlan, total_steps
+from posttrain.engine.sequence_batches import batch_to_device
+from posttrain.engine.session import TrainingSession
+from posttrain.engine.setup import start_run
+
+
+@dataclass
+class GRPOResult:
+    output_dir: Path
+    model: Any
+    steps: int
+    last_loss: float | None
+    stopped_early: bool
+
+
+@dataclass
+class StepRollouts:
+    """One optimizer step's rollouts on this process, collated for the loss (kept for
+    --num_iterations reuse)."""
+
+    micro_batches: list[dict]  # per micro-batch: input_ids, attention_mask, completion_mask, advantages, ...
+    metrics: dict[str, float]
+
+
+def _completion_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+    """Right-padded rows prompt + completion; completion_mask marks the sampled tokens."""
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    completion = torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[i, : len(p) + len(c)] = 1
+        completion[i, len(p): len(p) + len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def _sampler_step(config: GRPOConfig) -> tuple[int, int]:
+    """(prompts per process per step, completions per micro-batch); whole groups per process."""
+    per_process = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if per_process % config.num_generations:
+        raise ValueError(
+            f"per_device_train_batch_size x gradient_accumulation_steps = {per_process} completions per "
+            f"process per step must be a multiple of --num_generations {config.num_generations} "
+            "(each process samples whole groups)")
+    return per_process // config.num_generations, config.per_device_train_batch_size
+
+
+def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None) -> GRPOResult:
+    """Train `model` with GRPO on the prompts of `dataset` (default: config.dataset_name), rewarded
+    by `reward_funcs` (callables `fn(prompts, completions, **columns) -> list[float]`) plus those
+    named in config.reward_funcs / config.reward_model_path."""
+    from posttrain.data.formats import describe_format, detect_format
+    from posttrain.data.in_memory import as_loaded_rows
+    from posttrain.losses.advantages import group_advantages
+    from posttrain.losses.kl import kl_estimate
+    from posttrain.losses.policy_gradient import aggregate_policy_loss, clipped_policy_loss
+    from posttrain.losses.reductions import masked_sum
+    from posttrain.models.loading import load_causal_lm
+    from posttrain.models.logprobs import LogProbModel
+    from posttrain.models.reference import build_reference
+    from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
+    from posttrain.rollout.generation import make_backend
+    from posttrain.rollout.prompts import prepare_prompts
+    from posttrain.rollout.rewards import load_reward_functions, reward_inputs, score_completions
+
+    prompts_per_process, micro_size = _sampler_step(config)
+    if config.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo"):
+        raise ValueError(f"--loss_type {config.loss_type!r}: expected grpo, dr_grpo, dapo or bnpo")
+    accelerator = start_run(config)
+    log = accelerator.print
+    device = accelerator.device
+
+    tokenizer = resolve_tokenizer(config, tokenizer)
+    loaded = as_loaded_rows(dataset, config.dataset_name, config.dataset_split, config.dataset_config)
+    fmt = detect_format(loaded.rows, loaded.source)
+    log(f"data: {loaded.source}: {len(loaded.rows)} rows, format {describe_format(fmt)}")
+    prompts = prepare_prompts(loaded, fmt, tokenizer, max_prompt_length=config.max_prompt_length,
+                              truncation_mode=config.truncation_mode)
+    fns = list(reward_funcs or []) + load_reward_functions(config.reward_funcs,
+                                                           reward_model_path=config.reward_model_path)
+    if not fns:
+        raise ValueError("no reward function: pass --reward_funcs module:function (or a built-in: accuracy, "
+                         "format, length_penalty) and/or --reward_model_path")
+    if config.reward_weights is not None and len(config.reward_weights) != len(fns):
+        raise ValueError(f"--reward_weights has {len(config.reward_weights)} values for {len(fns)} reward functions")
+
+    model = prepare_model_for_training(config, model, log)
+    policy = LogProbModel(model, chunk_size=config.logprob_chunk_size)
+    reference = None
+    if config.beta > 0:
+        reference = build_reference(
+            model, ref_model_name_or_path=config.ref_model_name_or_path,
+            load=lambda p: load_causal_lm(p, dtype=config.dtype, trust_remote_code=config.trust_remote_code),
+            chunk_size=config.logprob_chunk_size, device=device, log=log)
+    else:
+        log("reference: none (--beta 0: no KL term, no reference model loaded)")
+    backend = make_backend(config.generation_backend, model, tokenizer, stop_tokens=config.stop_token or [])
+
+    plan = BatchPlan(units=[[i] for i in range(len(prompts))], micro_batch_size=prompts_per_process,
+                     accumulation=1, world_size=accelerator.num_processes, seed=config.seed)
+    plan.require_one_step()
+    generation_rounds = total_steps(plan, config.max_steps, config.num_train_epochs)
+    steps = generation_rounds * config.num_iterations if config.max_steps <= 0 else config.max_steps
+    completions_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    log("batch plan:\n"
+        f"  {completions_per_step // config.num_generations} prompts x {config.num_generations} generations = "
+        f"{completions_per_step} completions per optimizer step ({config.per_device_train_batch_size} per micro-batch "
+        f"x {config.gradient_accumulation_steps} accumulation x {accelerator.num_processes} process(es))\n"
+        f"  up to {completions_per_step * config.max_completion_length:,} completion tokens per step "
+        f"(max_completion_length {config.max_completion_length}); each rollout is trained on "
+        f"{config.num_iterations} time(s)\n"
+        f"  {len(prompts)} prompts; {plan.steps_per_epoch} rollouts per epoch; {steps} optimizer steps")
+
+    def collect(run: TrainingSession, step: int) -> StepRollouts:
+        """Sample this step's completions, score them, compute advantages and the fixed log-probs."""
+        indices = plan.step_micro_batches(step // config.num_iterations, accelerator.process_index)[0]
+        examples = [prompts[i] for i in indices]
+        rollout = backend.generate([e.prompt_ids for e in examples], num_generations=config.num_generations,
+                                   max_completion_length=config.max_completion_length,
+                                   temperature=config.temperature, top_p=config.top_p,
+                                   top_k=config.top_k or None, seed=config.seed * 100_003 + step)
+        r_prompts, r_completions, columns = reward_inputs(examples, rollout, tokenizer)
+        scores = score_completions(fns, config.reward_weights, r_prompts, r_completions, columns)
+        rewards = scores.total.float()
+        if config.scale_rewards == "batch":
+            # the std over the whole step on every process; the mean stays per group
+            gathered = accelerator.gather(rewards.to(device)).float().cpu()
+            centred = group_advantages(rewards, config.num_generations, scale="none")
+            advantages = centred / (gathered.std() + 1e-4)
+        else:
+            advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
+        groups = rewards.view(-1, config.num_generations)
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
+        truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
+        metrics = {**scores.metrics(),
+                   "reward_std": groups.std(dim=1).mean().item() if config.num_generations > 1 else 0.0,
+                   "frac_reward_zero_std": (groups.std(dim=1) == 0).float().mean().item()
+                   if config.num_generations > 1 else 1.0,
+                   "completions/mean_length": lengths.mean().item(),
+                   "completions/clipped_ratio": truncated.float().mean().item()}
+        micro_batches = []
+        for start in range(0, len(rollout), micro_size):
+            sl = slice(start, start + micro_size)
+            batch = _completion_batch(rollout.prompt_ids[sl], rollout.completion_ids[sl], tokenizer.pad_token_id)
+            if config.mask_truncated_completions:
+                # a cut completion has no ending to judge: out of the loss AND its denominator
+                batch["completion_mask"][truncated[sl]] = 0
+            batch["advantages"] = advantages[sl]
+            batch = batch_to_device(batch, device)
+            mask = batch["completion_mask"][:, 1:]
+            with torch.no_grad():
+                kwargs = {"attention_mask": batch["attention_mask"], "target_mask": mask}
+                if config.num_iterations > 1:
+                    # the sampling policy's log-probs, fixed for every pass over this rollout
+                    batch["old_logps"] = run.unwrapped()(batch["input_ids"], **kwargs)["logps"]
+                if reference is not None:
+                    batch["ref_logps"] = reference.token_logps(run.unwrapped(), batch["input_ids"], **kwargs)
+            micro_batches.append(batch)
+        return StepRollouts(micro_batches, metrics)
+
+    current: StepRollouts | None = None
+    with TrainingSession(accelerator, config, policy, total_steps=steps,
+                         steps_per_epoch=plan.steps_per_epoch * config.num_iterations) as run:
+        for step in run.steps():
+            if current is None or step % config.num_iterations == 0:
+                current = collect(run, step)
+            batches = current.micro_batches
+            # global normalisers, over every micro-batch of the step on every process
+            n_tokens = run.global_sum(sum(float(b["completion_mask"][:, 1:].sum()) for b in batches))
+            # a completion masked out (e.g. truncated) leaves every denominator too (pitfall 16)
+            n_seqs = run.global_sum(sum(int(b["completion_mask"][:, 1:].any(-1).sum()) for b in batches))
+            step_loss = torch.zeros((), device=device)
+            sums = {"kl": 0.0, "entropy": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0}
+            step_tokens = 0
+            for k, batch in enumerate(batches):
+                mask = batch["completion_mask"][:, 1:].float()
+                with run.sync(k, len(batches)):
+                    out = run.module(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     target_mask=mask.bool(), with_entropy=True, temperature=config.temperature)
+                    logps = out["logps"]
+                    old = batch.get("old_logps", logps.detach())  # one pass: ratio == 1 exactly
+                    per_token, stats = clipped_policy_loss(logps, old, batch["advantages"], mask,
+                                                           epsilon_low=config.epsilon, epsilon_high=config.epsilon_high)
+                    if reference is not None:
+                        kl = kl_estimate(logps, batch["ref_logps"], config.kl_estimator, mask=mask)
+                        per_token = per_token + config.beta * kl
+                        sums["kl"] += float((kl.detach() * mask).sum())
+                    loss = aggregate_policy_loss(
+                        per_token, mask, loss_type=config.loss_type, max_completion_length=config.max_completion_length,
+                        num_items_in_batch=max(n_tokens, 1.0), num_sequences_in_batch=max(n_seqs, 1.0))
+                    if config.loss_type == "bnpo":
+                        loss = loss / len(batches)  # bnpo is a per-micro-batch mean by definition
+                    loss = loss * run.world_size
+                    run.backward(loss)
+                step_loss += loss.detach() / run.world_size
+                sums["entropy"] += float(masked_sum(out["entropy"], mask))
+                sums["clip_ratio/low"] += float((stats["clipped_low"].float() * mask).sum())
+                sums["clip_ratio/high"] += float((stats["clipped_high"].float() * mask).sum())
+                step_tokens += int(batch["attention_mask"].sum())
+            metrics = {key: run.global_sum(v) / max(n_tokens, 1) for key, v in sums.items()}
+            if reference is None:
+                metrics.pop("kl")
+            metrics.update(current.metrics)
+            stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
+            backend.sync_weights(run.unwrapped().model)  # the sampler uses the updated weights (pitfall 15)
+            if stop:
+                break
+        trained = run.unwrapped().model
+        run.save_model(trained, tokenizer, merge_adapter=config.use_peft and config.merge_adapter)
+    return GRPOResult(output_dir=run.output_dir, model=trained, steps=run.steps_done, last_loss=run.last_loss,
+                      stopped_early=run.stopped_early)
+
