@@ -1,7 +1,7 @@
 """Reward-model benchmark: posttrain reward vs TRL's RewardTrainer on the same model, data and settings.
 
     .venv/bin/python benchmarks/bench_reward.py                       # defaults below
-    .venv/bin/python benchmarks/bench_reward.py --steps 10 --batch_size 8 --max_length 512 [--only trl|posttrain]
+    .venv/bin/python benchmarks/bench_reward.py --steps 8 --batch_size 8 --max_length 512 [--only trl|posttrain]
 
 1. writes the workload — `posttrain.demo.tasks.generate_preferences` pairs (prompt / chosen /
    rejected, conversational) — to benchmarks/.data/reward.jsonl,
@@ -50,7 +50,7 @@ def write_workload(path: Path, pairs: int, seed: int) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=8, help="pairs per optimizer step (per device)")
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--learning_rate", type=float, default=1e-5)

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--model_dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--output_dir", default=None)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=8, help="pairs per step (per device)")
     ap.add_argument("--learning_rate", type=float, default=1e-5)

@@ -32,8 +32,15 @@ def sharp_llama(seed: int = 0):
 
 
 def gen(backend, prompts, **kw):
-    args = dict(num_generations=1, max_completion_length=8, temperature=1.0, top_p=1.0, top_k=None,
-                stop_token_ids=[], seed=0)
+    args = dict(
+        num_generations=1,
+        max_completion_length=8,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=None,
+        stop_token_ids=[],
+        seed=0,
+    )
     args.update(kw)
     return backend.generate(prompts, **args)
 
@@ -64,7 +71,10 @@ def test_sampler_logps_equal_trainer_logps(tokenizer):
     model = sharp_llama()
     rollout = gen(HFGenerationBackend(model, tokenizer), [PROMPTS[0]], num_generations=3)
     # peaked distributions: the check below is not comparing near-uniform numbers
-    assert min(min(lp) for lp in rollout.sampler_logps) < -1 and max(max(lp) for lp in rollout.sampler_logps) > -3
+    assert (
+        min(min(lp) for lp in rollout.sampler_logps) < -1
+        and max(max(lp) for lp in rollout.sampler_logps) > -3
+    )
     assert_logps_match(model, rollout)
 
 
@@ -87,8 +97,9 @@ def test_top_k_top_p_logps_are_the_truncated_distribution(tokenizer):
     """With top-k/top-p the sampler log-prob is under the renormalised kept set."""
     model = sharp_llama()
     k, temp = 5, 0.8
-    rollout = gen(HFGenerationBackend(model, tokenizer), [PROMPTS[0]], temperature=temp, top_k=k,
-                  num_generations=2)
+    rollout = gen(
+        HFGenerationBackend(model, tokenizer), [PROMPTS[0]], temperature=temp, top_k=k, num_generations=2
+    )
     for p, c, lp in zip(rollout.prompt_ids, rollout.completion_ids, rollout.sampler_logps):
         with torch.no_grad():
             logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float() / temp
@@ -124,8 +135,10 @@ def test_two_eos_ids_in_generation_config_both_stop(tokenizer):
     stopped = gen(backend, PROMPTS[:2], max_completion_length=10, seed=5)
     assert stopped.completion_ids == [u0[: u0.index(a) + 1], u1[: u1.index(b) + 1]]
     assert stopped.truncated == [False, False]
-    assert stopped.sampler_logps == [free.sampler_logps[0][: u0.index(a) + 1],
-                                     free.sampler_logps[1][: u1.index(b) + 1]]
+    assert stopped.sampler_logps == [
+        free.sampler_logps[0][: u0.index(a) + 1],
+        free.sampler_logps[1][: u1.index(b) + 1],
+    ]
 
 
 def test_stop_token_argument_and_texts(tokenizer):
@@ -250,3 +263,14 @@ def test_bad_arguments(tokenizer):
         gen(backend, [[1, 2]], top_p=0.0)
     with pytest.raises(ValueError, match="max_completion_length"):
         gen(backend, [[1, 2]], max_completion_length=0)
+
+
+def test_model_generation_config_sampling_defaults_are_ignored(tokenizer):
+    """Only the call's arguments shape the distribution: a generation_config asking for
+    temperature 0.2, top-p/top-k/min-p truncation and a repetition penalty changes nothing."""
+    model = sharp_llama()
+    model.generation_config.update(
+        do_sample=True, temperature=0.2, top_p=0.9, top_k=3, min_p=0.3, repetition_penalty=1.3
+    )
+    rollout = gen(HFGenerationBackend(model, tokenizer), PROMPTS, num_generations=2)
+    assert_logps_match(model, rollout)

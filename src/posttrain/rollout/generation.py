@@ -221,8 +221,9 @@ class HFGenerationBackend:
     batch_size: at most this many prompts per ``generate`` call (None: all at once).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, stop_tokens: list[str | int] = (),
-                 batch_size: int | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer, *, stop_tokens: list[str | int] = (), batch_size: int | None = None
+    ):
         self.model = unwrap_for_generation(model)
         self.tokenizer = tokenizer
         self.extra_stop_ids = stop_token_ids_from_strings(tokenizer, list(stop_tokens))
@@ -262,8 +263,10 @@ class HFGenerationBackend:
         _check_args(prompt_ids, num_generations, max_completion_length, temperature, top_p, top_k)
         stop_ids = self.stop_token_ids(list(stop_token_ids))
         if not stop_ids:
-            raise ValueError("no stop token: the model's generation_config and the tokenizer have no eos id; "
-                             "pass --stop_token")
+            raise ValueError(
+                "no stop token: the model's generation_config and the tokenizer have no eos id; "
+                "pass --stop_token"
+            )
         modes = _module_modes(self.model)
         self.model.eval()
         device = _device_of(self.model)
@@ -273,8 +276,17 @@ class HFGenerationBackend:
                     torch.manual_seed(seed)
                 step = self.batch_size or len(prompt_ids)
                 parts = [
-                    self._generate_batch(prompt_ids[s : s + step], s, num_generations, max_completion_length,
-                                         temperature, top_p, top_k, stop_ids, device)
+                    self._generate_batch(
+                        prompt_ids[s : s + step],
+                        s,
+                        num_generations,
+                        max_completion_length,
+                        temperature,
+                        top_p,
+                        top_k,
+                        stop_ids,
+                        device,
+                    )
                     for s in range(0, len(prompt_ids), step)
                 ]
         finally:
@@ -290,8 +302,9 @@ class HFGenerationBackend:
             stop_token_ids=stop_ids,
         )
 
-    def _generate_batch(self, prompts, offset, num_generations, max_new, temperature, top_p, top_k,
-                        stop_ids, device) -> Rollout:
+    def _generate_batch(
+        self, prompts, offset, num_generations, max_new, temperature, top_p, top_k, stop_ids, device
+    ) -> Rollout:
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.generation.logits_process import (
             TemperatureLogitsWarper,
@@ -329,8 +342,11 @@ class HFGenerationBackend:
             temperature=1.0,
             top_k=0,
             top_p=1.0,
-            min_p=None,
+            # None would be filled from the model's config: 0.0 makes HF's min-p warper a no-op
+            min_p=0.0 if getattr(self.model.generation_config, "min_p", None) is not None else None,
             typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             min_length=0,
@@ -413,4 +429,6 @@ def make_backend(name: str, model: nn.Module, tokenizer, **kwargs: Any) -> Gener
             "generation backend 'vllm' is not part of this posttrain version yet (vLLM is installed, but "
             "no backend wraps it); use backend='hf' — docs/rollout.md describes the interface it will implement"
         )
-    raise GenerationBackendError(f"unknown generation backend {name!r}; expected one of: {', '.join(BACKENDS)}")
+    raise GenerationBackendError(
+        f"unknown generation backend {name!r}; expected one of: {', '.join(BACKENDS)}"
+    )

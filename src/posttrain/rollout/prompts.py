@@ -89,7 +89,9 @@ def prepare_prompts(
     Raises DataValidationError.
     """
     if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {truncation_mode!r}")
+        raise ValueError(
+            f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {truncation_mode!r}"
+        )
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
     fmt = DataFormat(fmt)
@@ -114,8 +116,9 @@ def prepare_prompts(
         if truncated:
             ids = ids[-max_prompt_length:] if truncation_mode == "keep_end" else ids[:max_prompt_length]
         columns = {k: v for k, v in row.items() if k not in NOT_COLUMNS}
-        examples.append(PromptExample(prompt_ids=ids, prompt=prompt, columns=columns, row=number,
-                                      truncated=truncated))
+        examples.append(
+            PromptExample(prompt_ids=ids, prompt=prompt, columns=columns, row=number, truncated=truncated)
+        )
     if late:
         raise DataValidationError(late)
     return examples

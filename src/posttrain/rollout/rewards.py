@@ -25,9 +25,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -153,7 +154,9 @@ class FormatReward:
         try:
             self._re = re.compile(self.pattern, re.DOTALL)
         except re.error as e:
-            raise RewardSpecError(f"format reward: invalid regular expression {self.pattern!r}: {e}") from None
+            raise RewardSpecError(
+                f"format reward: invalid regular expression {self.pattern!r}: {e}"
+            ) from None
 
     def __call__(self, prompts, completions, **columns) -> list[float]:
         return [float(self._re.search(completion_text(c)) is not None) for c in completions]
@@ -173,7 +176,9 @@ class LengthPenalty:
 
     def __call__(self, prompts, completions, completion_ids=None, **columns) -> list[float]:
         if completion_ids is None:
-            raise KeyError("the length_penalty reward needs the completion_ids column (the sampled token ids)")
+            raise KeyError(
+                "the length_penalty reward needs the completion_ids column (the sampled token ids)"
+            )
         return [-self.scale * len(ids) for ids in completion_ids]
 
 
@@ -200,8 +205,9 @@ def _import_module(module: str, spec: str):
             file_spec.loader.exec_module(mod)
         except Exception as e:
             del sys.modules[name]
-            raise RewardSpecError(f"reward function {spec!r}: importing {str(path)!r} failed: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise RewardSpecError(
+                f"reward function {spec!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}"
+            ) from e
         return mod
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # console scripts do not put the cwd on sys.path
@@ -216,8 +222,9 @@ def _import_module(module: str, spec: str):
             ) from None
         raise RewardSpecError(f"reward function {spec!r}: importing {module!r} failed: {e}") from e
     except Exception as e:
-        raise RewardSpecError(f"reward function {spec!r}: importing {module!r} failed: "
-                              f"{type(e).__name__}: {e}") from e
+        raise RewardSpecError(
+            f"reward function {spec!r}: importing {module!r} failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def _load_callable(spec: str) -> RewardFunction:
@@ -231,8 +238,10 @@ def _load_callable(spec: str) -> RewardFunction:
         obj = getattr(obj, part)
     if isinstance(obj, type) or not callable(obj):
         kind = "a class" if isinstance(obj, type) else f"not callable ({type(obj).__name__})"
-        raise RewardSpecError(f"reward function {spec!r}: {attr!r} is {kind}; point at a function "
-                              "fn(prompts, completions, **columns) or a callable instance")
+        raise RewardSpecError(
+            f"reward function {spec!r}: {attr!r} is {kind}; point at a function "
+            "fn(prompts, completions, **columns) or a callable instance"
+        )
     return obj
 
 
@@ -292,8 +301,10 @@ class RewardScores:
         """``reward`` / ``reward_std``: the weighted total, as the advantages see it;
         ``rewards/<name>/mean`` / ``std``: each function unweighted, over the samples it applies to
         (NaN when it applied to none)."""
-        out = {"reward": self.total.mean().item(),
-               "reward_std": self.total.std().item() if self.total.numel() > 1 else 0.0}
+        out = {
+            "reward": self.total.mean().item(),
+            "reward_std": self.total.std().item() if self.total.numel() > 1 else 0.0,
+        }
         for name, values in self.per_fn.items():
             v = values[self.applicable[name]] if name in self.applicable else values
             out[f"rewards/{name}/mean"] = v.mean().item() if v.numel() else math.nan
@@ -369,8 +380,10 @@ def score_completions(
         raise ValueError(f"{len(prompts)} prompts for {n} completions")
     for key, values in columns.items():
         if key in RESERVED_COLUMNS:
-            raise ValueError(f"a dataset column may not be named {key!r} (reward functions receive it "
-                             "as an argument); rename the column")
+            raise ValueError(
+                f"a dataset column may not be named {key!r} (reward functions receive it "
+                "as an argument); rename the column"
+            )
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
     if not fns:
