@@ -99,6 +99,11 @@ def main() -> int:
             return run["rc"]
         res = json.loads(out_json.read_text())
         res["peak_rss_gib"] = run["peak_rss_kib"] / 1024**2
+        # contention-robust step times (a busy core stalls a whole OpenMP team: a few steps can take 5x)
+        times = sorted(st["step_seconds"] for st in res["per_step"])
+        res["median_step_seconds"] = times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:
+                                                                                          len(times) // 2 + 1]) / 2
+        res["fastest_step_seconds"] = times[0]
         res["peak_rss_kib_wait4"] = run["peak_rss_kib"]
         res["wall_seconds_with_startup"] = run["wall"]
         res["process_cpu_seconds"] = run["cpu_seconds"]
@@ -117,7 +122,9 @@ def main() -> int:
             ("real tokens (no padding)", "num_tokens", "d", True),
             ("train seconds (step 1 start..last end)", "train_seconds", ".1f", True),
             ("pairs / s", "pairs_per_second", ".2f", True), ("pairs / s, steps 2..N", "steady_pairs_per_second", ".2f", True),
-            ("real tokens / s", "tokens_per_second", ".1f", True), ("peak RSS (GiB)", "peak_rss_gib", ".2f", True),
+            ("real tokens / s", "tokens_per_second", ".1f", True),
+            ("median step seconds", "median_step_seconds", ".2f", True),
+            ("fastest step seconds", "fastest_step_seconds", ".2f", True), ("peak RSS (GiB)", "peak_rss_gib", ".2f", True),
             ("first loss (step 1)", "first_loss", ".4f", False), ("last loss", "last_loss", ".4f", False),
             ("process wall seconds (incl. load/save)", "wall_seconds_with_startup", ".1f", True),
             ("cores used by other processes", "other_cores_busy_during", ".2f", False)]
