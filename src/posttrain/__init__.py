@@ -8,11 +8,11 @@ Recipes import torch/transformers only when called, so `import posttrain` stays 
 
 from __future__ import annotations
 
-from posttrain.config import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
+from posttrain.config import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, RLOOConfig, SFTConfig
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo", "grpo", "kto",
-           "reward", "sft"]
+__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo",
+           "grpo", "kto", "reward", "rloo", "sft"]
 
 
 def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None):
@@ -48,5 +48,12 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
 def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None):
     """GRPO with reward functions and/or a reward model; see posttrain.recipes.grpo.grpo."""
     from posttrain.recipes.grpo import grpo as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs)
+
+
+def rloo(config: RLOOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None):
+    """RLOO (leave-one-out baseline, KL in the reward); see posttrain.recipes.rloo.rloo."""
+    from posttrain.recipes.rloo import rloo as run
 
     return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs)

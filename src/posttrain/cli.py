@@ -21,6 +21,7 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "dpo": ("posttrain.recipes.dpo", "DPOConfig", "dpo", "direct preference optimisation and its variants"),
     "kto": ("posttrain.recipes.kto", "KTOConfig", "kto", "KTO on unpaired desirable/undesirable completions"),
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig", "grpo", "GRPO: sample groups, reward them, group-relative policy gradient"),
+    "rloo": ("posttrain.recipes.rloo", "RLOOConfig", "rloo", "REINFORCE leave-one-out with the KL folded into the reward"),
 }
 TOOL_COMMANDS: dict[str, str] = {
     "validate": "check a data file: format, row-numbered errors, truncation report",

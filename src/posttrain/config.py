@@ -219,6 +219,15 @@ class GRPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSetti
     mask_truncated_completions: bool = _f(False, "Exclude completions cut by max_completion_length from the loss and its denominator.")
 
 
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """REINFORCE leave-one-out (`posttrain rloo`): the GRPO rollout with the KL folded into the
+    reward (k1) and a leave-one-out baseline; --scale_rewards and --kl_estimator do not apply."""
+
+    output_dir: str = _f("runs/rloo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    beta: float = _f(0.05, "Weight of the KL (k1, summed over the completion) subtracted from the reward.")
+
+
 # Names TRL / transformers accept that mean the same as one of ours.
 FLAG_ALIASES: dict[str, str] = {
     "dataset_train_split": "dataset_split",

@@ -77,9 +77,17 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
     """Train `model` with GRPO on the prompts of `dataset` (default: config.dataset_name), rewarded
     by `reward_funcs` (callables `fn(prompts, completions, **columns) -> list[float]`) plus those
     named in config.reward_funcs / config.reward_model_path."""
+    return train_on_groups(config, "grpo", model, tokenizer, dataset, reward_funcs)
+
+
+def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None, dataset=None,
+                    reward_funcs=None) -> GRPOResult:
+    """The group-sampling loop shared by GRPO (`method="grpo"`: group-normalised advantages, KL
+    as a per-token loss term) and RLOO (`method="rloo"`: KL folded into the reward with k1,
+    leave-one-out baseline)."""
     from posttrain.data.formats import describe_format, detect_format
     from posttrain.data.in_memory import as_loaded_rows
-    from posttrain.losses.advantages import group_advantages
+    from posttrain.losses.advantages import group_advantages, rloo_advantages
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import aggregate_policy_loss, clipped_policy_loss
     from posttrain.losses.reductions import masked_sum
@@ -115,6 +123,8 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
     model = prepare_model_for_training(config, model, log)
     policy = LogProbModel(model, chunk_size=config.logprob_chunk_size)
     reference = None
+    if method == "rloo" and config.num_generations < 2:
+        raise ValueError("RLOO needs --num_generations >= 2 (the baseline leaves one out)")
     if config.beta > 0:
         reference = build_reference(
             model, ref_model_name_or_path=config.ref_model_name_or_path,
@@ -150,13 +160,6 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
         r_prompts, r_completions, columns = reward_inputs(examples, rollout, tokenizer)
         scores = score_completions(fns, config.reward_weights, r_prompts, r_completions, columns)
         rewards = scores.total.float()
-        if config.scale_rewards == "batch":
-            # the std over the whole step on every process; the mean stays per group
-            gathered = accelerator.gather(rewards.to(device)).float().cpu()
-            centred = group_advantages(rewards, config.num_generations, scale="none")
-            advantages = centred / (gathered.std() + 1e-4)
-        else:
-            advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
         groups = rewards.view(-1, config.num_generations)
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
@@ -166,24 +169,41 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
                    if config.num_generations > 1 else 1.0,
                    "completions/mean_length": lengths.mean().item(),
                    "completions/clipped_ratio": truncated.float().mean().item()}
-        micro_batches = []
+        micro_batches, slices = [], []
         for start in range(0, len(rollout), micro_size):
             sl = slice(start, start + micro_size)
             batch = _completion_batch(rollout.prompt_ids[sl], rollout.completion_ids[sl], tokenizer.pad_token_id)
             if config.mask_truncated_completions:
                 # a cut completion has no ending to judge: out of the loss AND its denominator
                 batch["completion_mask"][truncated[sl]] = 0
-            batch["advantages"] = advantages[sl]
             batch = batch_to_device(batch, device)
             mask = batch["completion_mask"][:, 1:]
             with torch.no_grad():
-                kwargs = {"attention_mask": batch["attention_mask"], "target_mask": mask}
-                if config.num_iterations > 1:
+                kwargs = {"attention_mask": batch["attention_mask"], "target_mask": mask,
+                          "temperature": config.temperature}
+                if config.num_iterations > 1 or method == "rloo":
                     # the sampling policy's log-probs, fixed for every pass over this rollout
                     batch["old_logps"] = run.unwrapped()(batch["input_ids"], **kwargs)["logps"]
                 if reference is not None:
                     batch["ref_logps"] = reference.token_logps(run.unwrapped(), batch["input_ids"], **kwargs)
             micro_batches.append(batch)
+            slices.append(sl)
+        if method == "rloo":
+            # RLOO: the KL (k1, summed over the completion) is folded into the reward, then the
+            # leave-one-out baseline: A_i = r_i - mean_{j != i} r_j
+            seq_kl = torch.cat([((b["old_logps"] - b["ref_logps"]) * b["completion_mask"][:, 1:]).sum(-1).cpu()
+                                for b in micro_batches]) if reference is not None else torch.zeros_like(rewards)
+            shaped = rewards - config.beta * seq_kl
+            advantages = rloo_advantages(shaped, config.num_generations)
+            metrics.update({"kl": seq_kl.mean().item(), "rlhf_reward": shaped.mean().item()})
+        elif config.scale_rewards == "batch":
+            # the std over the whole step on every process; the mean stays per group
+            gathered = accelerator.gather(rewards.to(device)).float().cpu()
+            advantages = group_advantages(rewards, config.num_generations, scale="none") / (gathered.std() + 1e-4)
+        else:
+            advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
+        for batch, sl in zip(micro_batches, slices):
+            batch["advantages"] = advantages[sl].to(device)
         return StepRollouts(micro_batches, metrics)
 
     current: StepRollouts | None = None
@@ -209,7 +229,7 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
                     old = batch.get("old_logps", logps.detach())  # one pass: ratio == 1 exactly
                     per_token, stats = clipped_policy_loss(logps, old, batch["advantages"], mask,
                                                            epsilon_low=config.epsilon, epsilon_high=config.epsilon_high)
-                    if reference is not None:
+                    if reference is not None and method == "grpo":  # RLOO has its KL in the reward
                         kl = kl_estimate(logps, batch["ref_logps"], config.kl_estimator, mask=mask)
                         per_token = per_token + config.beta * kl
                         sums["kl"] += float((kl.detach() * mask).sum())
@@ -226,7 +246,7 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
                 sums["clip_ratio/high"] += float((stats["clipped_high"].float() * mask).sum())
                 step_tokens += int(batch["attention_mask"].sum())
             metrics = {key: run.global_sum(v) / max(n_tokens, 1) for key, v in sums.items()}
-            if reference is None:
+            if reference is None or method == "rloo":
                 metrics.pop("kl")
             metrics.update(current.metrics)
             stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
