@@ -31,6 +31,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	bash benchmarks/setup_bench_env.sh
 	$(BIN)/python benchmarks/bench_sft.py
+	$(BIN)/python benchmarks/bench_dpo.py
+	$(BIN)/python benchmarks/bench_reward.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
