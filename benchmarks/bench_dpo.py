@@ -45,6 +45,7 @@ TARGET_SPEEDUP = 2.0  # posttrain steps/s >= 2x TRL's ...
 TARGET_MEMORY = 0.5  # ... and peak RSS <= 0.5x TRL's
 LN2 = math.log(2.0)
 LOSS0_TOLERANCE = 1e-4  # the step-0 loss is ln 2 exactly when the policy equals the reference
+CONTENTION = 0.2  # cores used by other processes above which a side's timings are not trusted
 
 SIDES = ("trl", "posttrain", "posttrain_precompute", "trl_precompute")
 LABELS = {
@@ -125,6 +126,9 @@ def main() -> int:
     ap.add_argument("--results", default=str(HERE / "results" / "dpo.json"))
     ap.add_argument("--wait_quiet", type=float, default=300,
                     help="seconds to wait, before each side, for other processes to leave the CPUs idle")
+    ap.add_argument("--attempts", type=int, default=3,
+                    help="run a side again (after the quiet wait) when other processes used more than "
+                         f"{CONTENTION} cores during it, up to this many times in all; every attempt is recorded")
     ap.add_argument("--keep_outputs", action="store_true", help="keep the runs' output dirs")
     args = ap.parse_args()
 
@@ -165,14 +169,30 @@ def main() -> int:
         if side.endswith("_precompute"):
             cmd.append("--precompute_ref_log_probs")
         cmd += ["--out", str(out_json), "--output_dir", str(work / f"{side}-run")]
-        run = _run_side(side, cmd, work / f"{side}.log", args.wait_quiet)
-        if run["rc"] != 0:
-            return run["rc"]
+        contended: list[dict] = []  # earlier attempts that other processes slowed down
+        for attempt in range(1, args.attempts + 1):
+            run = _run_side(side, cmd, work / f"{side}.log", args.wait_quiet)
+            if run["rc"] != 0:
+                return run["rc"]
+            busy = run["other_cores_during"]
+            if busy is None or busy <= CONTENTION or attempt == args.attempts:
+                break
+            prev = json.loads(out_json.read_text())
+            contended.append({"attempt": attempt, "other_cores_busy_during": busy,
+                              "train_seconds": prev.get("train_seconds"),
+                              "step_seconds": [st.get("step_seconds") for st in prev.get("per_step", [])]})
+            print(f"    other processes used {busy:.2f} cores during {side}: its timings are not reliable; "
+                  f"running it again (attempt {attempt + 1} of {args.attempts})", flush=True)
         res = json.loads(out_json.read_text())
+        res["attempts"] = attempt
+        res["contended_attempts"] = contended
         losses = [st["loss"] for st in res.get("per_step", []) if st.get("loss") is not None]
         res["mean_loss"] = sum(losses) / len(losses) if losses else None
         res["steady_steps_per_second"] = (res.get("steady") or {}).get("steps_per_second")
         res["steady_tokens_per_second"] = (res.get("steady") or {}).get("tokens_per_second")
+        step_secs = sorted(st["step_seconds"] for st in res.get("per_step", []) if st.get("step_seconds"))
+        res["median_step_seconds"] = step_secs[len(step_secs) // 2] if len(step_secs) % 2 else (
+            sum(step_secs[len(step_secs) // 2 - 1:len(step_secs) // 2 + 1]) / 2 if step_secs else None)
         res["first_loss_minus_ln2"] = None if res.get("first_loss") is None else res["first_loss"] - LN2
         res["peak_rss_kib_wait4"] = run["peak_rss_kib"]
         res["peak_rss_gib"] = run["peak_rss_kib"] / 1024**2
@@ -210,6 +230,7 @@ def main() -> int:
         ("pairs / s", "pairs_per_second", ".3f"),
         ("tokens / s", "tokens_per_second", ".1f"),
         ("steps / s, steps 2..N", "steady_steps_per_second", ".4f"),
+        ("median step seconds", "median_step_seconds", ".2f"),
         ("tokens / s, steps 2..N", "steady_tokens_per_second", ".1f"),
         ("peak RSS (GiB)", "peak_rss_gib", ".2f"),
         ("step-0 loss (first step, logged)", "first_loss", ".6f"),
@@ -297,7 +318,7 @@ def main() -> int:
             print(f"{row[0]:<70}{row[1]:>30}  {row[2]}")
 
     busy = [s_["other_cores_busy_during"] for s_ in sides.values() if s_.get("other_cores_busy_during") is not None]
-    if busy and max(busy) > 0.2:
+    if busy and max(busy) > CONTENTION:
         print(f"WARNING: other processes used up to {max(busy):.2f} of {os.cpu_count()} cores during the runs: "
               "the timings above are not reliable; rerun on a quiet machine.")
 

@@ -167,6 +167,23 @@ class TrainingSession:
             return True
         return False
 
+    # -- evaluation -------------------------------------------------------------------------------
+    def maybe_evaluate(self, step: int, eval_steps: int, evaluate) -> None:
+        """Log `evaluate()` after optimizer step `step` when --eval_steps says so (not at the end)."""
+        done = step + 1
+        if eval_steps and done % eval_steps == 0 and done < self.total_steps:
+            self.metrics.log(done, evaluate())
+
+    def final_evaluation(self, evaluate) -> dict[str, float]:
+        """Evaluate once at the end (unless stopped early): logged and written to eval_results.json."""
+        if self.stopped_early:
+            return {}
+        results = evaluate()
+        self.metrics.log(self.steps_done, results)
+        if self.accelerator.is_main_process:
+            (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        return results
+
     # -- the end ----------------------------------------------------------------------------------
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.module)

@@ -239,18 +239,12 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
                 run.extra_state["bco_delta"] = (bco_delta * seen + batch_mean * 2 * step_pairs) / (seen + 2 * step_pairs)
                 run.extra_state["bco_count"] = seen + 2 * step_pairs
             stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
-            done = step + 1
-            if held_out and config.eval_steps and done % config.eval_steps == 0 and done < steps:
-                run.metrics.log(done, evaluate(run))
+            if held_out:
+                run.maybe_evaluate(step, config.eval_steps, lambda: evaluate(run))
             if stop:
                 break
-        if held_out and not run.stopped_early:
-            eval_metrics = evaluate(run)
-            run.metrics.log(run.steps_done, eval_metrics)
-            if accelerator.is_main_process:
-                import json
-
-                (run.output_dir / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2))
+        if held_out:
+            eval_metrics = run.final_evaluation(lambda: evaluate(run))
         trained = run.unwrapped().model
         run.save_model(trained, tokenizer, merge_adapter=config.use_peft and config.merge_adapter)
     return DPOResult(output_dir=run.output_dir, model=trained, steps=run.steps_done, last_loss=run.last_loss,

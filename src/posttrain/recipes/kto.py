@@ -15,7 +15,6 @@ both the examples and their partners can be cached per example.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -209,15 +208,12 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
                 step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             metrics = finalize({key: run.global_sum(v) for key, v in sums.items()}, z)
             stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
-            if held_out and config.eval_steps and (step + 1) % config.eval_steps == 0 and step + 1 < steps:
-                run.metrics.log(step + 1, evaluate(run))
+            if held_out:
+                run.maybe_evaluate(step, config.eval_steps, lambda: evaluate(run))
             if stop:
                 break
-        if held_out and not run.stopped_early:
-            eval_metrics = evaluate(run)
-            run.metrics.log(run.steps_done, eval_metrics)
-            if accelerator.is_main_process:
-                (run.output_dir / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2))
+        if held_out:
+            eval_metrics = run.final_evaluation(lambda: evaluate(run))
         trained = run.unwrapped().model
         run.save_model(trained, tokenizer, merge_adapter=config.use_peft and config.merge_adapter)
     return KTOResult(output_dir=run.output_dir, model=trained, steps=run.steps_done, last_loss=run.last_loss,
