@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from posttrain import DPOConfig, dpo
 from posttrain.demo.tasks import generate_preferences
