@@ -56,6 +56,10 @@ LABELS = {
 }
 
 
+def _fmtx(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def write_pairs(path: Path, n_train: int, seed: int) -> Path:
     """The seeded preference pairs, one JSON object a line (prompt/chosen/rejected messages)."""
     from posttrain.demo.tasks import generate_preferences
@@ -275,10 +279,10 @@ def main() -> int:
                        "speed_met": speed_ok, "memory_met": mem_ok}
         name = LABELS[s]
         targets.append((f"{name}: steps/s >= {TARGET_SPEEDUP:g}x TRL, equal step-0 loss",
-                        _fmt(speed, ".2f") + "x" + ("" if equal_loss is None else
+                        _fmtx(speed) + ("" if equal_loss is None else
                                                     f", step-0 losses {'both' if equal_loss else 'NOT both'} ln 2"),
                         verdict(speed_ok)))
-        targets.append((f"{name}: peak RSS <= {TARGET_MEMORY:g}x TRL", _fmt(mem, ".2f") + "x", verdict(mem_ok)))
+        targets.append((f"{name}: peak RSS <= {TARGET_MEMORY:g}x TRL", _fmtx(mem), verdict(mem_ok)))
     for s in plan:
         ok = loss0_ok(s)
         targets.append((f"{LABELS[s]}: step-0 loss = ln 2 (+-{LOSS0_TOLERANCE:g})",

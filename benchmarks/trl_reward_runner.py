@@ -49,6 +49,7 @@ def main() -> None:
         rows = [json.loads(line) for line in fh if line.strip()]
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    torch.manual_seed(args.seed)  # the new score head is drawn here, before the Trainer seeds anything
     model = AutoModelForSequenceClassification.from_pretrained(args.model_dir, num_labels=1, dtype=torch.float32)
 
     config = RewardConfig(

@@ -165,6 +165,7 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
         cached_train = _precompute_reference(train, reference, policy, **common)
         if held_out:
             cached_eval = _precompute_reference(held_out, reference, policy, **common)
+        del ref_weights  # else this name keeps the separate reference model alive
         if reference.mode == "separate":
             reference.scorer = None  # the cache replaces it: free its memory for training
             torch.cuda.empty_cache() if torch.cuda.is_available() else None

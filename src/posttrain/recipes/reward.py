@@ -15,7 +15,6 @@ process. Chosen and rejected of a micro-batch go through ONE forward (2B sequenc
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from posttrain.engine.batching import BatchPlan, total_steps
 from posttrain.engine.console import format_batch_plan
 from posttrain.engine.session import TrainingSession
 from posttrain.engine.setup import start_run
-
-EVAL_RESULTS_FILE = "eval_results.json"
 
 
 @dataclass
@@ -202,9 +199,12 @@ def reward(config: RewardConfig, model=None, tokenizer=None, dataset=None, eval_
         .replace("sequences", "pairs (2 sequences each, one forward)", 1))
 
     eval_metrics: dict[str, float] | None = None
-    last_eval_step = -1
     with TrainingSession(accelerator, config, RewardScorer(model), total_steps=steps,
                          steps_per_epoch=plan.steps_per_epoch) as run:
+
+        def evaluate() -> dict[str, float]:
+            return _evaluate(run, eval_examples, config, padding_free, tokenizer.pad_token_id)
+
         for step in run.steps():
             micro_batches = [_collate([examples[i] for i in mb], padding_free, tokenizer.pad_token_id,
                                       accelerator.device)
@@ -228,19 +228,12 @@ def reward(config: RewardConfig, model=None, tokenizer=None, dataset=None, eval_
             metrics = _pair_metrics(accelerator.reduce(sums, "sum"))
             if run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics):
                 break
-            done = step + 1
-            if eval_examples and config.eval_steps > 0 and done % config.eval_steps == 0:
-                eval_metrics = _evaluate(run, eval_examples, config, padding_free, tokenizer.pad_token_id)
-                run.metrics.log(done, eval_metrics)
-                last_eval_step = done
-        if eval_examples and not run.stopped_early and last_eval_step != run.steps_done:
-            eval_metrics = _evaluate(run, eval_examples, config, padding_free, tokenizer.pad_token_id)
-            run.metrics.log(run.steps_done, eval_metrics)
-        if eval_metrics is not None:
+            if eval_examples:
+                run.maybe_evaluate(step, config.eval_steps, evaluate)
+        if eval_examples:  # logged at the last step and written to OUTPUT_DIR/eval_results.json
+            eval_metrics = run.final_evaluation(evaluate) or None
+        if eval_metrics:
             log("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in eval_metrics.items()))
-            if accelerator.is_main_process:
-                (run.output_dir / EVAL_RESULTS_FILE).write_text(
-                    json.dumps({"step": run.steps_done, **eval_metrics}, indent=2) + "\n")
         trained = run.unwrapped().model
         run.save_model(trained, tokenizer, merge_adapter=config.use_peft and config.merge_adapter,
                        extra_summary={"eval": eval_metrics} if eval_metrics else None)
