@@ -8,11 +8,11 @@ Recipes import torch/transformers only when called, so `import posttrain` stays 
 
 from __future__ import annotations
 
-from posttrain.config import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, RLOOConfig, SFTConfig
+from posttrain.config import DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, RLOOConfig, SFTConfig
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo",
-           "grpo", "kto", "reward", "rloo", "sft"]
+__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo",
+           "grpo", "kto", "online_dpo", "reward", "rloo", "sft"]
 
 
 def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None):
@@ -57,3 +57,11 @@ def rloo(config: RLOOConfig, model=None, tokenizer=None, dataset=None, reward_fu
     from posttrain.recipes.rloo import rloo as run
 
     return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs)
+
+
+def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None, ref_model=None):
+    """Online DPO (two samples per prompt, ranked by rewards); see posttrain.recipes.online_dpo.online_dpo."""
+    from posttrain.recipes.online_dpo import online_dpo as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs,
+               ref_model=ref_model)

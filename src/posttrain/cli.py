@@ -22,6 +22,8 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "kto": ("posttrain.recipes.kto", "KTOConfig", "kto", "KTO on unpaired desirable/undesirable completions"),
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig", "grpo", "GRPO: sample groups, reward them, group-relative policy gradient"),
     "rloo": ("posttrain.recipes.rloo", "RLOOConfig", "rloo", "REINFORCE leave-one-out with the KL folded into the reward"),
+    "online-dpo": ("posttrain.recipes.online_dpo", "OnlineDPOConfig", "online_dpo",
+                   "online DPO: two samples per prompt, ranked by a reward, DPO/IPO step on the pair"),
 }
 TOOL_COMMANDS: dict[str, str] = {
     "validate": "check a data file: format, row-numbered errors, truncation report",

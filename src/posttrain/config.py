@@ -227,11 +227,33 @@ class RLOOConfig(GRPOConfig):
     output_dir: str = _f("runs/rloo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
     beta: float = _f(0.05, "Weight of the KL (k1, summed over the completion) subtracted from the reward.")
 
+@dataclass
+class OnlineDPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSettings, RewardSettings,
+                      TrainingConfig):
+    """Online DPO (`posttrain online-dpo`): two completions per prompt, ranked by the reward
+    functions / reward model, a DPO (or IPO) step on the pair against the frozen reference.
+
+    Batch semantics (as TRL): per_device_train_batch_size counts PROMPTS (pairs) per micro-batch;
+    each pair is two sequences in one forward."""
+
+    output_dir: str = _f("runs/online-dpo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    learning_rate: float = _f(5e-7, "Peak learning rate of AdamW.")
+    num_train_epochs: float = _f(1.0, "Passes over the prompts when --max_steps is not set.")
+    per_device_train_batch_size: int = _f(8, "Prompts (= preference pairs, 2 completions each) per micro-batch per device.")
+    num_generations: int = _f(2, "Completions per prompt: always 2 (one chosen, one rejected).")
+    max_completion_length: int = _f(64, "Longest completion in tokens (alias --max_new_tokens); longer ones are cut.")
+    temperature: float = _f(0.9, "Sampling temperature; log-probs in the loss use the same temperature (as TRL).")
+    beta: float = _f(0.1, "KL strength beta of the DPO / IPO loss.")
+    loss_type: str = _f("sigmoid", "sigmoid (DPO, summed log-probs) or ipo (IPO, average log-probs).")
+    missing_eos_penalty: float | None = _f(
+        None, "Subtract this from the score of a completion that ends without a stop token (cut by length).")
+
 
 # Names TRL / transformers accept that mean the same as one of ours.
 FLAG_ALIASES: dict[str, str] = {
     "dataset_train_split": "dataset_split",
     "torch_dtype": "dtype",
+    "max_new_tokens": "max_completion_length",  # TRL's OnlineDPOConfig name
 }
 
 
