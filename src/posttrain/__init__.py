@@ -8,10 +8,10 @@ Recipes import torch/transformers only when called, so `import posttrain` stays 
 
 from __future__ import annotations
 
-from posttrain.config import DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, RLOOConfig, SFTConfig
+from posttrain.config import DPOConfig, EvalConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, RLOOConfig, SFTConfig
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo",
+__all__ = ["DPOConfig", "EvalConfig", "evaluate", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo",
            "grpo", "kto", "online_dpo", "reward", "rloo", "sft"]
 
 
@@ -65,3 +65,10 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
 
     return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs,
                ref_model=ref_model)
+
+
+def evaluate(config: EvalConfig, model=None, tokenizer=None, dataset=None, baseline_model=None):
+    """Held-out evaluation of a model, optionally against a baseline; see posttrain.eval.generation_eval."""
+    from posttrain.eval.generation_eval import evaluate as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, baseline_model=baseline_model)

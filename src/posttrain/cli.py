@@ -24,10 +24,14 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rloo": ("posttrain.recipes.rloo", "RLOOConfig", "rloo", "REINFORCE leave-one-out with the KL folded into the reward"),
     "online-dpo": ("posttrain.recipes.online_dpo", "OnlineDPOConfig", "online_dpo",
                    "online DPO: two samples per prompt, ranked by a reward, DPO/IPO step on the pair"),
+    # not training, but the same table drives the CLI and the pipeline's stages
+    "eval": ("posttrain.eval.generation_eval", "EvalConfig", "evaluate",
+             "generate on held-out prompts; reward, accuracy, win rate and KL against a --baseline"),
 }
 TOOL_COMMANDS: dict[str, str] = {
     "validate": "check a data file: format, row-numbered errors, truncation report",
     "mask-preview": "show which tokens of each example are trained",
+    "report": "rebuild report.html of a run or pipeline directory from its metrics.jsonl",
     "demo": "fine-tune the embedded SmolLM2-135M-Instruct on bundled data",
 }
 
@@ -154,6 +158,21 @@ def _run_mask_preview(argv: list[str]) -> int:
                             completion_only_loss=args.completion_only_loss, max_length=args.max_length)
 
 
+@dataclass
+class ReportArgs:
+    path: str = ""  # a run or pipeline directory (also the first positional argument)
+
+
+def _run_report(argv: list[str]) -> int:
+    args = parse_config(ReportArgs, _positional_path(argv), prog="posttrain report")
+    if not args.path:
+        raise ConfigError("posttrain report: give the run directory, e.g. `posttrain report runs/sft`")
+    from posttrain.report.html_report import rebuild
+
+    print(f"report: {rebuild(args.path)}")
+    return 0
+
+
 def _run_demo(argv: list[str]) -> int:
     from posttrain.demo.run import main as demo_main
 
@@ -163,6 +182,7 @@ def _run_demo(argv: list[str]) -> int:
 TOOL_RUNNERS: dict[str, Callable[[list[str]], int]] = {
     "validate": _run_validate,
     "mask-preview": _run_mask_preview,
+    "report": _run_report,
     "demo": _run_demo,
 }
 

@@ -249,6 +249,44 @@ class OnlineDPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, Generation
         None, "Subtract this from the score of a completion that ends without a stop token (cut by length).")
 
 
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (`posttrain eval`): generate on prompts, score, compare with a baseline.
+
+    Not a training run: no optimizer, no steps. Writes OUTPUT_DIR/eval.json and report.html."""
+
+    model_name_or_path: str | None = _f(
+        None, "The model to evaluate (hub id, directory, .gguf). Unset: the embedded SmolLM2-135M-Instruct.")
+    baseline: str | None = _f(None, "A second model to compare with (win rate, KL to it); e.g. the model before training.")
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer for both models; default: the model's own.")
+    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a bf16 GPU), float32, bfloat16, float16.")
+    attn_implementation: str | None = _f(None, "Attention backend: sdpa, eager, flash_attention_2, ...")
+    trust_remote_code: bool = _f(False, "Run code shipped with a hub model. Off unless given.")
+    dataset_name: str | None = _f(None, "Held-out prompts: a JSONL/JSON/CSV/Parquet file, a directory, or a hub dataset.")
+    dataset_config: str | None = _f(None, "Hub dataset configuration name.")
+    dataset_split: str = _f("train", "Split to read (a local file has one split, 'train').")
+    max_eval_samples: int | None = _f(None, "Evaluate on the first N prompts only (default: all).")
+    max_prompt_length: int | None = _f(512, "Longest prompt in tokens; longer prompts are truncated.")
+    truncation_mode: str = _f("keep_end", "Prompt truncation: keep_end (keep its last tokens) or keep_start.")
+    max_completion_length: int = _f(256, "Longest completion in tokens; longer ones are cut (truncated).")
+    greedy: bool = _f(True, "Also decode one greedy completion per prompt (temperature 0).")
+    num_samples: int = _f(4, "Sampled completions per prompt (0: greedy only); KL is measured on these.")
+    temperature: float = _f(1.0, "Sampling temperature (also the temperature of the KL's log-probs).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")
+    top_k: int = _f(0, "Top-k sampling (0: off).")
+    stop_token: list[str] | None = _f(None, "Extra stop tokens besides the model's end-of-sequence ids.")
+    reward_funcs: list[str] = _f([], "Reward functions: module:function, or built-ins accuracy, format, length_penalty.")
+    reward_weights: list[float] | None = _f(None, "Weights of the reward functions (default: all 1).")
+    reward_model_path: str | None = _f(None, "A reward model directory (posttrain reward output), scored as a reward.")
+    judge: str | None = _f(
+        None, "module:function judge fn(prompts, completions_a, completions_b, **columns) -> P(a better) in [0, 1].")
+    per_device_eval_batch_size: int = _f(16, "Prompts per generate call and sequences per log-prob forward.")
+    num_shown_samples: int = _f(8, "Prompts whose generations are shown side by side in the report.")
+    output_dir: str = _f("runs/eval", "Where eval.json, config.yaml and report.html go.")
+    seed: int = _f(42, "Sampling seed; both models sample with the same seeds.")
+    logprob_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs over the vocabulary.")
+
+
 # Names TRL / transformers accept that mean the same as one of ours.
 FLAG_ALIASES: dict[str, str] = {
     "dataset_train_split": "dataset_split",

@@ -78,6 +78,7 @@ class TrainingSession:
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.stopped_early = False
+        self.report_path: Path | None = None  # report.html, written by save_model
         self.steps_done = self.start_step
         self._stop = GracefulStop()
 
@@ -205,6 +206,11 @@ class TrainingSession:
                        "peak_memory_bytes": peak_memory_bytes(),
                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra_summary or {})}
             (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+            from posttrain.report.html_report import write_report_safely
+
+            # after the model is saved: a failed report only warns, it never costs the model
+            self.report_path = write_report_safely(self.output_dir, self.accelerator.print)
         self.accelerator.wait_for_everyone()
-        self.accelerator.print(f"done: model in {self.output_dir}, metrics in {self.metrics.path}")
+        report = f", report {self.report_path}" if self.report_path else ""
+        self.accelerator.print(f"done: model in {self.output_dir}, metrics in {self.metrics.path}{report}")
 
