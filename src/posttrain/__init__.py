@@ -8,11 +8,21 @@ Recipes import torch/transformers only when called, so `import posttrain` stays 
 
 from __future__ import annotations
 
-from posttrain.config import DPOConfig, EvalConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, RewardConfig, RLOOConfig, SFTConfig
+from posttrain.config import (
+    DPOConfig,
+    EvalConfig,
+    GRPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    PPOConfig,
+    RewardConfig,
+    RLOOConfig,
+    SFTConfig,
+)
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "EvalConfig", "evaluate", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "__version__", "dpo",
-           "grpo", "kto", "online_dpo", "reward", "rloo", "sft"]
+__all__ = ["DPOConfig", "EvalConfig", "evaluate", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "PPOConfig", "RLOOConfig", "RewardConfig",
+           "SFTConfig", "__version__", "dpo", "grpo", "kto", "online_dpo", "ppo", "reward", "rloo", "sft"]
 
 
 def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None):
@@ -55,6 +65,13 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
 def rloo(config: RLOOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None):
     """RLOO (leave-one-out baseline, KL in the reward); see posttrain.recipes.rloo.rloo."""
     from posttrain.recipes.rloo import rloo as run
+
+    return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs)
+
+
+def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None):
+    """PPO with a critic (reward model score minus per-token KL, GAE); see posttrain.recipes.ppo.ppo."""
+    from posttrain.recipes.ppo import ppo as run
 
     return run(config, model=model, tokenizer=tokenizer, dataset=dataset, reward_funcs=reward_funcs)
 

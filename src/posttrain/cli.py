@@ -22,6 +22,7 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "kto": ("posttrain.recipes.kto", "KTOConfig", "kto", "KTO on unpaired desirable/undesirable completions"),
     "grpo": ("posttrain.recipes.grpo", "GRPOConfig", "grpo", "GRPO: sample groups, reward them, group-relative policy gradient"),
     "rloo": ("posttrain.recipes.rloo", "RLOOConfig", "rloo", "REINFORCE leave-one-out with the KL folded into the reward"),
+    "ppo": ("posttrain.recipes.ppo", "PPOConfig", "ppo", "PPO with a critic: reward-model score minus per-token KL, GAE"),
     "online-dpo": ("posttrain.recipes.online_dpo", "OnlineDPOConfig", "online_dpo",
                    "online DPO: two samples per prompt, ranked by a reward, DPO/IPO step on the pair"),
     # not training, but the same table drives the CLI and the pipeline's stages

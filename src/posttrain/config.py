@@ -227,6 +227,39 @@ class RLOOConfig(GRPOConfig):
     output_dir: str = _f("runs/rloo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
     beta: float = _f(0.05, "Weight of the KL (k1, summed over the completion) subtracted from the reward.")
 
+
+@dataclass
+class PPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSettings, RewardSettings, TrainingConfig):
+    """PPO with a critic, the classic RLHF step (`posttrain ppo`).
+
+    Batch semantics (as TRL): one PPO iteration samples per_device_train_batch_size x
+    gradient_accumulation_steps x num_mini_batches completions per process, then makes
+    num_ppo_epochs x num_mini_batches optimizer updates on them. Steps (--max_steps, --save_steps,
+    --logging_steps) count iterations."""
+
+    output_dir: str = _f("runs/ppo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
+    learning_rate: float = _f(3e-6, "Peak learning rate of AdamW (policy and critic).")
+    num_train_epochs: float = _f(1.0, "Passes over the prompts when --max_steps is not set.")
+    max_steps: int = _f(-1, "PPO iterations (rollout batches) to run; -1 means --num_train_epochs decides.")
+    num_generations: int = _f(1, "Completions sampled per prompt.")
+    value_model_path: str | None = _f(
+        None, "Critic initialisation: a reward model or causal-LM dir (default: --reward_model_path, as TRL).")
+    value_head_on_policy: bool = _f(
+        False, "Critic = a linear value head on the policy's own hidden states (one backbone, no second model).")
+    kl_coef: float = _f(0.05, "Weight beta of the per-token KL penalty in the reward.")
+    kl_estimator: str = _f("k1", "Per-token KL estimator in the reward: k1 or k3.")
+    missing_eos_penalty: float | None = _f(
+        None, "Subtracted from the score of a completion that ended without a stop token (e.g. 1.0).")
+    gamma: float = _f(1.0, "Discount factor of GAE.")
+    lam: float = _f(0.95, "Lambda of GAE.")
+    whiten_rewards: bool = _f(False, "Whiten the per-token rewards over the rollout (scale only) before GAE.")
+    cliprange: float = _f(0.2, "Clip range epsilon of the policy ratio.")
+    cliprange_value: float = _f(0.2, "Clip range of the value prediction around the rollout's value.")
+    vf_coef: float = _f(0.1, "Weight of the value loss in the total loss.")
+    num_ppo_epochs: int = _f(4, "Optimisation passes over each rollout.")
+    num_mini_batches: int = _f(1, "Mini-batches (optimizer updates) per pass over a rollout.")
+
+
 @dataclass
 class OnlineDPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSettings, RewardSettings,
                       TrainingConfig):

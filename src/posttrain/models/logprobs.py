@@ -238,6 +238,7 @@ class LogProbModel(nn.Module):
         with_entropy: bool = False,
         with_accuracy: bool = False,
         temperature: float = 1.0,
+        return_hidden: bool = False,
     ) -> dict[str, Tensor | None]:
         """Log-prob of each next token.
 
@@ -250,6 +251,9 @@ class LogProbModel(nn.Module):
 
         target_mask (B, T-1), optional: only these positions are scored (others come back 0), so
         prompt tokens that carry no loss cost no vocabulary matmul either.
+
+        return_hidden: also return ``"hidden"``, the backbone's final hidden states (B, T, H), e.g.
+        for a value head that shares the policy's backbone (PPO).
         """
         backbone, head, config = self._parts()
         # use_cache=False: with a KV cache transformers skips packed-sequence detection
@@ -298,11 +302,14 @@ class LogProbModel(nn.Module):
             full = torch.zeros(b * t1, dtype=fill_dtype, device=values.device)
             return full.index_copy(0, idx, values.to(fill_dtype)).view(b, t1)
 
-        return {
+        result = {
             "logps": scatter(lp, torch.float32),
             "entropy": scatter(ent, torch.float32),
             "correct": scatter(cor, torch.bool),
         }
+        if return_hidden:
+            result["hidden"] = out.last_hidden_state
+        return result
 
     def _fallback(self, h, y, head, scale, softcap, temperature, with_entropy, with_accuracy):
         fn = _head_logprobs(head, scale, softcap, temperature, (with_entropy, with_accuracy))
