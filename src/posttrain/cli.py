@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "validate": "check a data file: format, row-numbered errors, truncation report",
     "mask-preview": "show which tokens of each example are trained",
     "report": "rebuild report.html of a run or pipeline directory from its metrics.jsonl",
+    "pipeline": "run stages (sft → reward → ppo|grpo|dpo → eval) from one YAML; finished stages are cached",
     "demo": "fine-tune the embedded SmolLM2-135M-Instruct on bundled data",
 }
 
@@ -160,6 +161,24 @@ def _run_mask_preview(argv: list[str]) -> int:
 
 
 @dataclass
+class PipelineArgs:
+    path: str = field(default="", metadata={"help": "The pipeline YAML (also the first positional argument)."})
+    force: str | None = field(default=None, metadata={"help": "Rerun this stage and every later one."})
+    dry_run: bool = field(default=False, metadata={"help": "Print the plan (what runs, what is cached) and stop."})
+    output_dir: str | None = field(default=None, metadata={"help": "Overrides the file's output_dir."})
+
+
+def _run_pipeline(argv: list[str]) -> int:
+    args = parse_config(PipelineArgs, _positional_path(argv), prog="posttrain pipeline")
+    if not args.path:
+        raise ConfigError("posttrain pipeline: give the pipeline file, e.g. `posttrain pipeline run.yaml`")
+    from posttrain.pipeline import run_pipeline
+
+    result = run_pipeline(args.path, force=args.force, dry_run=args.dry_run, output_dir=args.output_dir)
+    return 130 if result.stopped_at else 0
+
+
+@dataclass
 class ReportArgs:
     path: str = ""  # a run or pipeline directory (also the first positional argument)
 
@@ -184,6 +203,7 @@ TOOL_RUNNERS: dict[str, Callable[[list[str]], int]] = {
     "validate": _run_validate,
     "mask-preview": _run_mask_preview,
     "report": _run_report,
+    "pipeline": _run_pipeline,
     "demo": _run_demo,
 }
 
