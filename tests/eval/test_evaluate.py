@@ -81,7 +81,7 @@ def test_two_models_compared_eval_json_and_report(tmp_path, tokenizer, held_out)
     assert [r["model_reward"] for r in s] == pytest.approx([len(r["model"]) / 10 for r in s])
     assert s[0]["answer"] == held_out[0]["answer"] and s[0]["prompt"] == held_out[0]["prompt"][0]["content"]
     assert result.metrics == record["metrics"] and result.samples == s
-    assert (tmp_path / "eval" / "config.yaml").exists()
+    assert "num_samples: 2" in (tmp_path / "eval" / "eval_config.yaml").read_text()
     page = (tmp_path / "eval" / "report.html").read_text()
     assert result.report_path == tmp_path / "eval" / "report.html"
     assert "Evaluation" in page and "sampled/kl_k3" in page and "before (baseline)" in page

@@ -11,6 +11,7 @@ please its reward without solving the task shows a rising reward and a flat accu
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -24,6 +25,8 @@ from posttrain.config import EvalConfig
 from posttrain.errors import PosttrainError
 
 EVAL_FILE = "eval.json"
+# not config.yaml: eval may write into a training run's directory, whose config.yaml it must keep
+EVAL_CONFIG_FILE = "eval_config.yaml"
 MODES = ("greedy", "sampled")
 
 
@@ -213,9 +216,11 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None, dataset=None, basel
     """Generate on the held-out prompts of `dataset` (default: config.dataset_name) with `model`
     (default: config.model_name_or_path) and, when given, the baseline (`baseline_model` or
     config.baseline); score, compare, and write OUTPUT_DIR/eval.json and report.html."""
+    import yaml
+
     from posttrain.data.formats import describe_format, detect_format
     from posttrain.data.in_memory import as_loaded_rows
-    from posttrain.engine.console import format_config, save_resolved_config
+    from posttrain.engine.console import format_config
     from posttrain.eval.kl_to_baseline import completion_logps
     from posttrain.eval.win_rate import load_judge
     from posttrain.models.loading import load_tokenizer
@@ -226,7 +231,8 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None, dataset=None, basel
     log = print
     log(format_config(config))
     output_dir = Path(config.output_dir)
-    save_resolved_config(config, output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / EVAL_CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     # prompts
     if tokenizer is None:

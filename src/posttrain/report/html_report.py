@@ -22,6 +22,7 @@ from typing import Any
 from posttrain.errors import PosttrainError
 from posttrain.report.run_files import (
     CONFIG_FILE,
+    EVAL_CONFIG_FILE,
     METRICS_FILE,
     REPORT_FILE,
     RUN_FILES,
@@ -150,6 +151,12 @@ def _mark(correct: Any) -> str:
     return ""
 
 
+def _shown(text: Any) -> str:
+    """A completion as text; whitespace-only ones (a random model's) are shown quoted, not as a blank."""
+    text = "" if text is None else str(text)
+    return repr(text) if not text.strip() else text
+
+
 def _samples_table(samples: list[dict], shown: int) -> str:
     if not samples:
         return ""
@@ -163,7 +170,7 @@ def _samples_table(samples: list[dict], shown: int) -> str:
         for who in (["baseline"] if has_baseline else []) + ["model"]:
             reward = s.get(f"{who}_reward")
             note = (f"<br><span class='meta'>reward {_e(_fmt(reward))}</span>" if reward is not None else "")
-            cells.append(f"<td>{_e(s.get(who, ''))}{note}{_mark(s.get(f'{who}_correct'))}</td>")
+            cells.append(f"<td>{_e(_shown(s.get(who)))}{note}{_mark(s.get(f'{who}_correct'))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     mode = samples[0].get("mode", "greedy")
     return (f"<h3>Sample generations ({_e(mode)}; {min(shown, len(samples))} of {len(samples)} prompts)</h3>"
@@ -193,7 +200,7 @@ def _eval_section(run: RunFiles) -> str:
                        "</p>")
         chart = eval_chart(metrics, comparison) if metrics else None
         if chart is not None:
-            out.append(_img(chart.png, "evaluation: " + ", ".join(chart.metrics)))
+            out.append(_img(chart.png, "Evaluation: " + ", ".join(chart.metrics)))
         settings = record.get("settings") or {}
         out.append(_samples_table(record.get("samples") or [], int(settings.get("num_shown_samples", 8) or 8)))
         if settings:
@@ -207,9 +214,11 @@ def _eval_section(run: RunFiles) -> str:
 
 
 def _config_section(run: RunFiles) -> str:
-    if run.config_text is None:
-        return ""
-    return f"<h2>Resolved config</h2><p class='meta'>{_e(CONFIG_FILE)}</p><pre>{_e(run.config_text)}</pre>"
+    out = []
+    for name, text in ((CONFIG_FILE, run.config_text), (EVAL_CONFIG_FILE, run.eval_config_text)):
+        if text is not None:
+            out.append(f"<p class='meta'>{_e(name)}</p><pre>{_e(text)}</pre>")
+    return "<h2>Resolved config</h2>" + "".join(out) if out else ""
 
 
 def _run_body(run: RunFiles) -> str:

@@ -17,6 +17,7 @@ METRICS_FILE = "metrics.jsonl"  # engine/metrics_log.py writes it
 CONFIG_FILE = "config.yaml"  # engine/console.py writes it
 SUMMARY_FILE = "run_summary.json"  # engine/session.py writes it
 EVAL_FILE = "eval.json"  # eval/generation_eval.py writes it
+EVAL_CONFIG_FILE = "eval_config.yaml"  # ... and its resolved EvalConfig
 EVAL_RESULTS_FILE = "eval_results.json"  # engine/session.py's final_evaluation writes it
 REPORT_FILE = "report.html"
 RUN_FILES = (METRICS_FILE, EVAL_FILE, EVAL_RESULTS_FILE, SUMMARY_FILE)
@@ -34,6 +35,7 @@ class RunFiles:
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     config_text: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    eval_config_text: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     eval_record: dict[str, Any] | None = None
     eval_results: dict[str, Any] | None = None
@@ -91,6 +93,8 @@ def read_run(run_dir: str | Path) -> RunFiles:
             run.config = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
             run.config = {}
+    if (run_dir / EVAL_CONFIG_FILE).is_file():
+        run.eval_config_text = (run_dir / EVAL_CONFIG_FILE).read_text(encoding="utf-8")
     summary = _read_json(run_dir / SUMMARY_FILE)
     run.summary = summary if isinstance(summary, dict) else {}
     record = _read_json(run_dir / EVAL_FILE)
