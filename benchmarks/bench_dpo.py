@@ -19,17 +19,15 @@ bf16=True and gradient_checkpointing=True are overridden (fp32, off) as in the S
 
 Peak memory is measured the same way for every side: each runs in its own child process and its
 peak RSS is read from os.wait4 on that child (the kernel's ru_maxrss, which covers the child and
-any process it waited for). Timing helpers and the quiet-machine wait come from bench_sft.py.
+any process it waited for). Timing helpers and the quiet-machine wait come from harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,13 +37,26 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_sft import _cpu_name, _fmt, _git_commit, _run_side  # noqa: E402
+from harness import (  # noqa: E402
+    BENCH_PYTHON,
+    CONTENTION,
+    default_model_dir,
+    fmt,
+    fmtx,
+    median,
+    print_tables,
+    record_process,
+    result_header,
+    run_side_quietly,
+    verdict,
+    warn_contention,
+    write_results,
+)
 
 TARGET_SPEEDUP = 2.0  # posttrain steps/s >= 2x TRL's ...
 TARGET_MEMORY = 0.5  # ... and peak RSS <= 0.5x TRL's
 LN2 = math.log(2.0)
 LOSS0_TOLERANCE = 1e-4  # the step-0 loss is ln 2 exactly when the policy equals the reference
-CONTENTION = 0.2  # cores used by other processes above which a side's timings are not trusted
 
 SIDES = ("trl", "posttrain", "posttrain_precompute", "trl_precompute")
 LABELS = {
@@ -54,10 +65,6 @@ LABELS = {
     "posttrain_precompute": "posttrain dpo --precompute_ref_log_probs",
     "trl_precompute": "TRL DPOTrainer precompute_ref_log_probs",
 }
-
-
-def _fmtx(v) -> str:
-    return "-" if v is None else f"{v:.2f}x"
 
 
 def write_pairs(path: Path, n_train: int, seed: int) -> Path:
@@ -124,7 +131,7 @@ def main() -> int:
     ap.add_argument("--posttrain_padding_free", action="store_true",
                     help="run posttrain with --padding_free (TRL 1.x's DPO has no padding-free path)")
     ap.add_argument("--model_dir", default=None, help="default: posttrain's embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--bench_python", default=str(ROOT / ".venv-bench" / "bin" / "python"),
+    ap.add_argument("--bench_python", default=BENCH_PYTHON,
                     help="python of the venv that has TRL")
     ap.add_argument("--data_dir", default=str(HERE / ".data"))
     ap.add_argument("--results", default=str(HERE / "results" / "dpo.json"))
@@ -142,10 +149,7 @@ def main() -> int:
         ap.error(f"--only: unknown side(s) {bad}; choose from {SIDES}")
     plan = [s for s in SIDES if s in plan]  # fixed order
     data_path = write_pairs(Path(args.data_dir) / "dpo.jsonl", args.pairs, args.data_seed)
-    if args.model_dir is None:
-        from posttrain.models.default_model import default_model_dir
-
-        args.model_dir = str(default_model_dir())
+    args.model_dir = default_model_dir(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     common = [
         "--data", str(data_path), "--model_dir", args.model_dir,
@@ -173,20 +177,10 @@ def main() -> int:
         if side.endswith("_precompute"):
             cmd.append("--precompute_ref_log_probs")
         cmd += ["--out", str(out_json), "--output_dir", str(work / f"{side}-run")]
-        contended: list[dict] = []  # earlier attempts that other processes slowed down
-        for attempt in range(1, args.attempts + 1):
-            run = _run_side(side, cmd, work / f"{side}.log", args.wait_quiet)
-            if run["rc"] != 0:
-                return run["rc"]
-            busy = run["other_cores_during"]
-            if busy is None or busy <= CONTENTION or attempt == args.attempts:
-                break
-            prev = json.loads(out_json.read_text())
-            contended.append({"attempt": attempt, "other_cores_busy_during": busy,
-                              "train_seconds": prev.get("train_seconds"),
-                              "step_seconds": [st.get("step_seconds") for st in prev.get("per_step", [])]})
-            print(f"    other processes used {busy:.2f} cores during {side}: its timings are not reliable; "
-                  f"running it again (attempt {attempt + 1} of {args.attempts})", flush=True)
+        run, attempt, contended = run_side_quietly(side, cmd, work / f"{side}.log", out_json, args.wait_quiet,
+                                                   args.attempts)
+        if run["rc"] != 0:
+            return run["rc"]
         res = json.loads(out_json.read_text())
         res["attempts"] = attempt
         res["contended_attempts"] = contended
@@ -194,17 +188,9 @@ def main() -> int:
         res["mean_loss"] = sum(losses) / len(losses) if losses else None
         res["steady_steps_per_second"] = (res.get("steady") or {}).get("steps_per_second")
         res["steady_tokens_per_second"] = (res.get("steady") or {}).get("tokens_per_second")
-        step_secs = sorted(st["step_seconds"] for st in res.get("per_step", []) if st.get("step_seconds"))
-        res["median_step_seconds"] = step_secs[len(step_secs) // 2] if len(step_secs) % 2 else (
-            sum(step_secs[len(step_secs) // 2 - 1:len(step_secs) // 2 + 1]) / 2 if step_secs else None)
+        res["median_step_seconds"] = median(st.get("step_seconds") or None for st in res.get("per_step", []))
         res["first_loss_minus_ln2"] = None if res.get("first_loss") is None else res["first_loss"] - LN2
-        res["peak_rss_kib_wait4"] = run["peak_rss_kib"]
-        res["peak_rss_gib"] = run["peak_rss_kib"] / 1024**2
-        res["wall_seconds_with_startup"] = run["wall"]
-        res["process_cpu_seconds"] = run["cpu_seconds"]
-        res["other_cores_busy_before"] = run["other_cores_before"]
-        res["other_cores_busy_during"] = run["other_cores_during"]
-        sides[side] = res
+        sides[side] = record_process(res, run)
 
     token_check = None
     if trl_dump.exists():
@@ -254,15 +240,12 @@ def main() -> int:
         header += [LABELS[s], "/ TRL"]
     table = []
     for label, key, spec in rows:
-        line = [label, _fmt(t.get(key) if t else None, spec)]
+        line = [label, fmt(t.get(key) if t else None, spec)]
         for s in compared:
             r = None if key in no_ratio else ratio(s, key)
             p = sides.get(s)
-            line += [_fmt(p.get(key) if p else None, spec), _fmt(r, ".2f") + ("x" if r is not None else "")]
+            line += [fmt(p.get(key) if p else None, spec), fmt(r, ".2f") + ("x" if r is not None else "")]
         table.append(line)
-
-    def verdict(ok: bool | None) -> str:
-        return "not measured" if ok is None else ("MET" if ok else "NOT MET")
 
     def loss0_ok(side: str) -> bool | None:
         s_ = sides.get(side)
@@ -279,14 +262,14 @@ def main() -> int:
                        "speed_met": speed_ok, "memory_met": mem_ok}
         name = LABELS[s]
         targets.append((f"{name}: steps/s >= {TARGET_SPEEDUP:g}x TRL, equal step-0 loss",
-                        _fmtx(speed) + ("" if equal_loss is None else
+                        fmtx(speed) + ("" if equal_loss is None else
                                                     f", step-0 losses {'both' if equal_loss else 'NOT both'} ln 2"),
                         verdict(speed_ok)))
-        targets.append((f"{name}: peak RSS <= {TARGET_MEMORY:g}x TRL", _fmtx(mem), verdict(mem_ok)))
+        targets.append((f"{name}: peak RSS <= {TARGET_MEMORY:g}x TRL", fmtx(mem), verdict(mem_ok)))
     for s in plan:
         ok = loss0_ok(s)
         targets.append((f"{LABELS[s]}: step-0 loss = ln 2 (+-{LOSS0_TOLERANCE:g})",
-                        _fmt(sides[s].get("first_loss_minus_ln2"), "+.1e"), verdict(ok)))
+                        fmt(sides[s].get("first_loss_minus_ln2"), "+.1e"), verdict(ok)))
     if token_check:
         same = token_check["identical_but_trl_trailing_newline"] == token_check["pairs_trl"] == \
             token_check["pairs_posttrain"]
@@ -297,41 +280,11 @@ def main() -> int:
     title = (f"DPO benchmark - SmolLM2-135M-Instruct fp32, CPU x{os.cpu_count()}, {args.steps} steps x "
              f"{args.batch_size} pairs, sigmoid beta {args.beta}, lr {args.learning_rate}, seed {args.seed}, "
              f"max_length {args.max_length}")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console(width=max(Console().width, 160))
-        tb = Table(title=title)
-        for h in header:
-            tb.add_column(h, justify="left" if not h else "right")
-        for row in table:
-            tb.add_row(*row)
-        console.print(tb)
-        tg = Table(title="Targets")
-        for h in ("target", "measured", ""):
-            tg.add_column(h)
-        for row in targets:
-            tg.add_row(*row)
-        console.print(tg)
-    except ImportError:
-        print(title)
-        for row in [header] + table:
-            print(f"{row[0]:<46}" + "".join(f"{c:>22}" for c in row[1:]))
-        for row in targets:
-            print(f"{row[0]:<70}{row[1]:>30}  {row[2]}")
-
-    busy = [s_["other_cores_busy_during"] for s_ in sides.values() if s_.get("other_cores_busy_during") is not None]
-    if busy and max(busy) > CONTENTION:
-        print(f"WARNING: other processes used up to {max(busy):.2f} of {os.cpu_count()} cores during the runs: "
-              "the timings above are not reliable; rerun on a quiet machine.")
+    print_tables(title, header, table, targets, width=160)
+    warn_contention(sides.values())
 
     result = {
-        "benchmark": "dpo",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "command": " ".join([".venv/bin/python", "benchmarks/bench_dpo.py", *sys.argv[1:]]),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        **result_header("dpo", command=True),
         "config": {
             "model_dir": args.model_dir, "dtype": "float32", "steps": args.steps,
             "pairs_per_step": args.batch_size, "gradient_accumulation_steps": 1,
@@ -349,9 +302,7 @@ def main() -> int:
         "targets": {"steps_per_second_ratio_min": TARGET_SPEEDUP, "peak_rss_ratio_max": TARGET_MEMORY,
                     "step0_loss": LN2, "step0_loss_tolerance": LOSS0_TOLERANCE, "per_side": verdicts},
     }
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(result, indent=2) + "\n")
+    results_path = write_results(args.results, result)
     print(f"\nresults: {results_path}\nlogs: {work}/*.log")
     if not args.keep_outputs:
         for side in plan:

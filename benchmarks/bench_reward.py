@@ -11,17 +11,15 @@
 4. prints pairs/s, peak RSS, first/last loss side by side with the ratios to TRL and writes
    benchmarks/results/reward.json.
 
-Peak RSS, the quiet-machine wait and the contention figure come from bench_sft.py's `_run_side`
+Peak RSS, the quiet-machine wait and the contention figure come from harness.py's `run_side`
 (os.wait4 on each side's child). Every number printed is measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,7 +29,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_sft import _cpu_name, _fmt, _git_commit, _run_side  # noqa: E402
+from harness import (  # noqa: E402
+    BENCH_PYTHON,
+    default_model_dir,
+    fmt,
+    median,
+    print_tables,
+    record_process,
+    result_header,
+    run_side,
+    warn_contention,
+    write_results,
+)
+from harness import ratio as ratio_of  # noqa: E402
 
 DEFAULT_PAIRS = 512
 DEFAULT_DATA_SEED = 4321
@@ -61,7 +71,7 @@ def main() -> int:
     ap.add_argument("--only", choices=["trl", "posttrain"])
     ap.add_argument("--no_padding_free", action="store_true", help="skip the padding-free posttrain run")
     ap.add_argument("--model_dir", default=None, help="default: posttrain's embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--bench_python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
+    ap.add_argument("--bench_python", default=BENCH_PYTHON)
     ap.add_argument("--data_dir", default=str(HERE / ".data"))
     ap.add_argument("--results", default=str(HERE / "results" / "reward.json"))
     ap.add_argument("--wait_quiet", type=float, default=300)
@@ -71,10 +81,7 @@ def main() -> int:
     args = ap.parse_args()
 
     data_path = write_workload(Path(args.data_dir) / "reward.jsonl", args.pairs, args.data_seed)
-    if args.model_dir is None:
-        from posttrain.models.default_model import default_model_dir
-
-        args.model_dir = str(default_model_dir())
+    args.model_dir = default_model_dir(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     common = ["--data", str(data_path), "--model_dir", args.model_dir, "--steps", str(args.steps),
               "--max_length", str(args.max_length), "--batch_size", str(args.batch_size),
@@ -99,21 +106,14 @@ def main() -> int:
             tag = name if args.repeats == 1 else f"{name}-{rep + 1}"
             out_json = work / f"{tag}.json"
             cmd = cmd + common + ["--out", str(out_json), "--output_dir", str(work / f"{tag}-run")]
-            run = _run_side(tag, cmd, work / f"{tag}.log", args.wait_quiet)
+            run = run_side(tag, cmd, work / f"{tag}.log", args.wait_quiet)
             if run["rc"] != 0:
                 return run["rc"]
-            res = json.loads(out_json.read_text())
-            res["peak_rss_gib"] = run["peak_rss_kib"] / 1024**2
-            res["peak_rss_kib_wait4"] = run["peak_rss_kib"]
-            res["wall_seconds_with_startup"] = run["wall"]
-            res["process_cpu_seconds"] = run["cpu_seconds"]
-            res["other_cores_busy_before"] = run["other_cores_before"]
-            res["other_cores_busy_during"] = run["other_cores_during"]
+            res = record_process(json.loads(out_json.read_text()), run)
             # contention-robust step times (a busy core stalls a whole OpenMP team: a few steps can take 5x)
-            times = sorted(st["step_seconds"] for st in res["per_step"])
-            mid = len(times) // 2
-            res["median_step_seconds"] = times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
-            res["fastest_step_seconds"] = times[0]
+            times = [st["step_seconds"] for st in res["per_step"]]
+            res["median_step_seconds"] = median(times)
+            res["fastest_step_seconds"] = min(times)
             all_runs.setdefault(name, []).append(res)
             if args.keep_outputs is False:
                 shutil.rmtree(work / f"{tag}-run", ignore_errors=True)
@@ -124,9 +124,7 @@ def main() -> int:
     t = sides.get("trl")
 
     def ratio(side: dict | None, key: str) -> float | None:
-        if t and side and t.get(key) and side.get(key) is not None:
-            return side[key] / t[key]
-        return None
+        return ratio_of(side, t, key)
 
     rows = [("optimizer steps", "steps", "d", False), ("pairs trained", "pairs", "d", False),
             ("real tokens (no padding)", "num_tokens", "d", True),
@@ -143,28 +141,19 @@ def main() -> int:
     header = [""] + [labels[n] for n in names] + [f"{labels[n]} / TRL" for n in names if n != "trl" and t]
     table = []
     for label, key, spec, with_ratio in rows:
-        cells = [label] + [_fmt(sides[n].get(key), spec) for n in names]
+        cells = [label] + [fmt(sides[n].get(key), spec) for n in names]
         for n in names:
             if n != "trl" and t:
                 r = ratio(sides[n], key) if with_ratio else None
-                cells.append(_fmt(r, ".2f") + ("x" if r is not None else ""))
+                cells.append(fmt(r, ".2f") + ("x" if r is not None else ""))
         table.append(cells)
     title = (f"Reward benchmark - SmolLM2-135M-Instruct fp32, CPU x{os.cpu_count()}, {args.steps} steps x "
              f"{args.batch_size} pairs, max_length {args.max_length}, lr {args.learning_rate}, seed {args.seed}")
-    print("\n" + title)
-    widths = [max(len(str(row[i])) for row in [header] + table) for i in range(len(header))]
-    for row in [header] + table:
-        print("  ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)))
-    busy = [s["other_cores_busy_during"] for s in sides.values() if s.get("other_cores_busy_during") is not None]
-    if busy and max(busy) > 0.2:
-        print(f"WARNING: other processes used up to {max(busy):.2f} of {os.cpu_count()} cores during the runs: "
-              "the timings above are not reliable; rerun on a quiet machine.")
+    print_tables(title, header, table, plain=True)
+    warn_contention(sides.values())
 
     result = {
-        "benchmark": "reward",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        **result_header("reward"),
         "config": {"model_dir": args.model_dir, "dtype": "float32", "steps": args.steps,
                    "pairs_per_step": args.batch_size, "max_length": args.max_length,
                    "learning_rate": args.learning_rate, "lr_scheduler": "linear, no warmup", "seed": args.seed,
@@ -177,9 +166,7 @@ def main() -> int:
                           for n in names if n != "trl"} if t else None,
         "table": {"header": header, "rows": table},
     }
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(result, indent=2) + "\n")
+    results_path = write_results(args.results, result)
     print(f"\nresults: {results_path}\nlogs: {work}/*.log")
     return 0
 

@@ -8,7 +8,7 @@
 3. runs posttrain (benchmarks/posttrain_sft_runner.py -> `posttrain sft`) in a fresh process,
 4. prints both side by side with the ratios and the targets, and writes benchmarks/results/sft.json.
 
-Peak memory is measured the same way for both: each side runs in its own child process and
+Peak memory is measured the same way for both (benchmarks/harness.py): each side runs in its own child process and
 its peak RSS is read from os.wait4 on that child (the kernel's ru_maxrss, which covers the
 child and any process it waited for). Every number printed is measured in this run; a side
 that was not run (--only) is shown as "-" and no ratio is computed.
@@ -17,15 +17,11 @@ that was not run (--only) is shown as "-" and no ratio is computed.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,85 +29,23 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import workload  # noqa: E402
+from harness import (  # noqa: E402
+    BENCH_PYTHON,
+    default_model_dir,
+    fmt,
+    print_tables,
+    record_process,
+    result_header,
+    run_side,
+    verdict,
+    warn_contention,
+    write_results,
+)
+from harness import ratio as ratio_of  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # posttrain tokens/s >= 3x TRL's
 TARGET_MEMORY = 0.5  # posttrain peak RSS <= 0.5x TRL's
 LOSS_TOLERANCE = 0.05  # step-0 losses should agree within 5 %
-
-
-def _cpu_busy_seconds() -> float | None:
-    """CPU seconds spent non-idle by the whole machine since boot (all cores, from /proc/stat)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _other_load(seconds: float = 2.0) -> float | None:
-    """Cores kept busy by other processes right now (sampled over `seconds`)."""
-    a = _cpu_busy_seconds()
-    time.sleep(seconds)
-    b = _cpu_busy_seconds()
-    return None if a is None or b is None else (b - a) / seconds
-
-
-def _run_side(name: str, cmd: list[str], log_path: Path, wait_quiet: float = 0.0) -> dict:
-    """Run one side in a fresh child process: exit code, peak RSS, wall and CPU seconds, and how
-    many cores other processes used meanwhile (contention makes timings unreliable). Waits up
-    to `wait_quiet` seconds for other processes to leave the CPUs idle first."""
-    idle_before = _other_load()
-    deadline = time.monotonic() + wait_quiet
-    while idle_before is not None and idle_before > 0.2 and time.monotonic() < deadline:
-        print(f"    waiting for a quiet machine (other processes use {idle_before:.1f} cores)", flush=True)
-        time.sleep(10)
-        idle_before = _other_load()
-    print(f"\n=== {name}: {' '.join(cmd)}\n    (log: {log_path})", flush=True)
-    if idle_before is not None and idle_before > 0.2:
-        print(f"    warning: other processes are using {idle_before:.1f} cores: timings will be unreliable",
-              flush=True)
-    busy0 = _cpu_busy_seconds()
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, rusage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    busy1 = _cpu_busy_seconds()
-    cpu = rusage.ru_utime + rusage.ru_stime
-    other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / wall)
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        print(f"--- {name} failed (exit {rc}); last lines of its log:\n{tail}", flush=True)
-    else:
-        print(f"    done in {wall:.1f}s, peak RSS {rusage.ru_maxrss / 1024**2:.2f} GiB, "
-              f"{cpu:.0f} CPU s; other processes used {_fmt(other, '.2f')} cores meanwhile", flush=True)
-    return {"rc": rc, "peak_rss_kib": rusage.ru_maxrss, "wall": wall, "cpu_seconds": cpu,
-            "other_cores_before": idle_before, "other_cores_during": other}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def main() -> int:
@@ -127,7 +61,7 @@ def main() -> int:
                     help="turn it on for both sides (TRL's own default is on; off here on both)")
     ap.add_argument("--only", choices=["trl", "posttrain"], help="run one side only")
     ap.add_argument("--model_dir", default=None, help="default: posttrain's embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--bench_python", default=str(ROOT / ".venv-bench" / "bin" / "python"),
+    ap.add_argument("--bench_python", default=BENCH_PYTHON,
                     help="python of the venv that has TRL")
     ap.add_argument("--data_dir", default=str(HERE / ".data"))
     ap.add_argument("--results", default=str(HERE / "results" / "sft.json"))
@@ -140,10 +74,7 @@ def main() -> int:
 
     data_dir = Path(args.data_dir)
     data_path = workload.write_jsonl(data_dir / "sft.jsonl", rows=args.rows, seed=args.data_seed)
-    if args.model_dir is None:
-        from posttrain.models.default_model import default_model_dir
-
-        args.model_dir = str(default_model_dir())
+    args.model_dir = default_model_dir(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     common = [
         "--data", str(data_path), "--model_dir", args.model_dir,
@@ -166,19 +97,13 @@ def main() -> int:
         cmd += common + ["--out", str(out_json), "--output_dir", str(work / f"{side}-run")]
         if side == "trl":
             cmd += ["--dump_first_batch", str(work / "trl_first_batch.json")]
-        run = _run_side(side, cmd, work / f"{side}.log", args.wait_quiet)
+        run = run_side(side, cmd, work / f"{side}.log", args.wait_quiet)
         if run["rc"] != 0:
             return run["rc"]
         res = json.loads(out_json.read_text())
         losses = [st["loss"] for st in res.get("per_step", []) if st.get("loss") is not None]
         res["mean_loss"] = sum(losses) / len(losses) if losses else None
-        res["peak_rss_kib_wait4"] = run["peak_rss_kib"]
-        res["peak_rss_gib"] = run["peak_rss_kib"] / 1024**2
-        res["wall_seconds_with_startup"] = run["wall"]
-        res["process_cpu_seconds"] = run["cpu_seconds"]
-        res["other_cores_busy_before"] = run["other_cores_before"]
-        res["other_cores_busy_during"] = run["other_cores_during"]
-        sides[side] = res
+        sides[side] = record_process(res, run)
 
     t, p = sides.get("trl"), sides.get("posttrain")
 
@@ -205,9 +130,7 @@ def main() -> int:
             sides[side]["first_batch"] = r
 
     def ratio(key: str) -> float | None:
-        if t and p and t.get(key) and p.get(key) is not None:
-            return p[key] / t[key]
-        return None
+        return ratio_of(p, t, key)
 
     speedup = ratio("tokens_per_second")
     steady_speedup = ratio("steady_tokens_per_second")
@@ -240,59 +163,30 @@ def main() -> int:
     for label, key, spec in rows:
         r = ratio(key) if key not in ("steps", "first_loss", "first_loss_reference", "last_loss", "mean_loss",
                                           "other_cores_busy_during") else None
-        table.append((label, _fmt(t.get(key) if t else None, spec), _fmt(p.get(key) if p else None, spec),
-                      _fmt(r, ".2f") + ("x" if r is not None else "")))
+        table.append([label, fmt(t.get(key) if t else None, spec), fmt(p.get(key) if p else None, spec),
+                      fmt(r, ".2f") + ("x" if r is not None else "")])
 
-    def verdict(value, ok) -> str:
-        return "not measured" if value is None else ("MET" if ok(value) else "NOT MET")
+    def check(value, ok) -> str:
+        return verdict(None if value is None else ok(value))
 
     targets = [
-        (f"tokens/s >= {TARGET_SPEEDUP:g}x TRL", _fmt(speedup, ".2f") + "x",
-         verdict(speedup, lambda v: v >= TARGET_SPEEDUP)),
-        (f"peak memory <= {TARGET_MEMORY:g}x TRL", _fmt(mem_ratio, ".2f") + "x",
-         verdict(mem_ratio, lambda v: v <= TARGET_MEMORY)),
-        (f"step-1 losses agree within {LOSS_TOLERANCE:.0%} (different batches!)", _fmt(loss_diff, ".1%"),
-         verdict(loss_diff, lambda v: v <= LOSS_TOLERANCE)),
+        (f"tokens/s >= {TARGET_SPEEDUP:g}x TRL", fmt(speedup, ".2f") + "x",
+         check(speedup, lambda v: v >= TARGET_SPEEDUP)),
+        (f"peak memory <= {TARGET_MEMORY:g}x TRL", fmt(mem_ratio, ".2f") + "x",
+         check(mem_ratio, lambda v: v <= TARGET_MEMORY)),
+        (f"step-1 losses agree within {LOSS_TOLERANCE:.0%} (different batches!)", fmt(loss_diff, ".1%"),
+         check(loss_diff, lambda v: v <= LOSS_TOLERANCE)),
     ]
     for side, label in (("trl", "TRL"), ("posttrain", "posttrain")):
         err = sides.get(side, {}).get("first_loss_reference_error")
         if err is not None:
             targets.append((f"{label} step-1 loss = recomputation (0.5%)", f"{err:+.2%}",
-                            verdict(abs(err), lambda v: v <= 0.005)))
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console(width=max(Console().width, 110))
-        tb = Table(title=title)
-        for h in header:
-            tb.add_column(h, justify="left" if not h else "right")
-        for row in table:
-            tb.add_row(*row)
-        console.print(tb)
-        tg = Table(title="Targets")
-        for h in ("target", "measured", ""):
-            tg.add_column(h)
-        for row in targets:
-            tg.add_row(*row)
-        console.print(tg)
-    except ImportError:
-        print(title)
-        for row in [header] + table:
-            print(f"{row[0]:<42}{row[1]:>16}{row[2]:>16}{row[3]:>16}")
-        for row in targets:
-            print(f"{row[0]:<42}{row[1]:>16}{row[2]:>16}")
-
-    busy = [s_["other_cores_busy_during"] for s_ in (t, p) if s_ and s_.get("other_cores_busy_during") is not None]
-    if busy and max(busy) > 0.2:
-        print(f"WARNING: other processes used up to {max(busy):.2f} of {os.cpu_count()} cores during the runs: "
-              "the timings above are not reliable; rerun on a quiet machine.")
+                            check(abs(err), lambda v: v <= 0.005)))
+    print_tables(title, list(header), table, targets, width=110)
+    warn_contention([t, p])
 
     result = {
-        "benchmark": "sft",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        **result_header("sft"),
         "config": {
             "model_dir": args.model_dir, "dtype": "float32", "steps": args.steps, "max_length": args.max_length,
             "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
@@ -310,9 +204,7 @@ def main() -> int:
                     "speed_met": None if speedup is None else speedup >= TARGET_SPEEDUP,
                     "memory_met": None if mem_ratio is None else mem_ratio <= TARGET_MEMORY},
     }
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(result, indent=2) + "\n")
+    results_path = write_results(args.results, result)
     print(f"\nresults: {results_path}\nlogs: {work}/*.log")
     if not args.keep_outputs:
         for side in plan:

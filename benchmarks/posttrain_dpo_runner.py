@@ -25,14 +25,13 @@ and writes the same JSON result shape as trl_dpo_runner.py:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import posttrain_version, read_run, run_cli, write_runner_result
 
 
 def main() -> None:
@@ -97,23 +96,12 @@ def main() -> None:
         env["POSTTRAIN_CACHE"] = cache_dir  # a cold cache: the reference pass really runs
     cmd += args.extra
 
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    stamped: list[tuple[float, str]] = []  # (seconds since start, line) of the CLI's output
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            bufsize=1)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        stamped.append((time.perf_counter() - t0, line.rstrip("\n")))
-        sys.stdout.write(line)
-        sys.stdout.flush()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    process_seconds = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    if cache_dir:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    if rc != 0:
-        raise SystemExit(f"posttrain dpo failed with exit code {rc}")
+    try:
+        proc = run_cli(cmd, env=env, stamp_lines=True)
+    finally:
+        if cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    stamped = proc["lines"]  # (seconds since start, line) of the CLI's output
 
     precompute_seconds = reference_line = None
     if args.precompute_ref_log_probs:
@@ -123,10 +111,8 @@ def main() -> None:
         if t_ref is not None and t_done is not None:
             precompute_seconds = t_done - t_ref
 
-    records = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps_log = [rec for rec in records if "loss" in rec and rec.get("step", 0) > 0]
-    summary_path = output_dir / "run_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    steps_log, summary = read_run(output_dir)
+    steps_log = [rec for rec in steps_log if rec.get("step", 0) > 0]
 
     keys = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected")
@@ -159,16 +145,9 @@ def main() -> None:
         steady = {"seconds": steady_secs,
                   "tokens_per_second": sum(p["num_tokens"] for p in per_step[1:]) / steady_secs,
                   "steps_per_second": (len(per_step) - 1) / steady_secs}
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _v
-
-    try:
-        version = _v("posttrain")
-    except PackageNotFoundError:
-        version = None
     result = {
         "tool": "posttrain",
-        "versions": {"posttrain": version},
+        "versions": {"posttrain": posttrain_version()},
         "command": cmd,
         "padding_free": args.padding_free,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -189,15 +168,13 @@ def main() -> None:
         "last_loss": summary.get("last_loss", steps_log[-1]["loss"] if steps_log else None),
         "last_line_elapsed_seconds": per_step[-1]["elapsed_seconds"] if per_step else None,
         "summary_peak_memory_bytes": summary.get("peak_memory_bytes"),
-        "process_seconds": process_seconds,
-        "peak_rss_kib": rusage.ru_maxrss,
+        "process_seconds": proc["process_seconds"],
+        "peak_rss_kib": proc["peak_rss_kib"],
         "run_summary": summary,
         "per_step": per_step,
         "output_dir": str(output_dir),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("per_step", "run_summary")}, indent=2))
+    write_runner_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ run_summary.json (`train_seconds`: the summed optimizer-step times, first step s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import read_run, run_cli, write_runner_result
 
 
 def main() -> None:
@@ -50,17 +48,8 @@ def main() -> None:
         cmd.append("--gradient_checkpointing")
     if args.padding_free:
         cmd.append("--padding_free")
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, rusage = os.wait4(proc.pid, 0)
-    process_seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"posttrain reward failed with exit code {os.waitstatus_to_exitcode(status)}")
-
-    records = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps_log = [r for r in records if "loss" in r]
-    summary = json.loads((output_dir / "run_summary.json").read_text())
+    proc = run_cli(cmd)
+    steps_log, summary = read_run(output_dir)
     per_step, prev_elapsed, prev_tokens = [], 0.0, 0
     for rec in steps_log:
         per_step.append({"step": rec["step"], "loss": rec["loss"], "grad_norm": rec["grad_norm"],
@@ -86,15 +75,13 @@ def main() -> None:
         "tokens_per_second": summary["num_tokens"] / train_seconds,
         "first_loss": summary["first_loss"],
         "last_loss": summary["last_loss"],
-        "process_seconds": process_seconds,
-        "peak_rss_kib": rusage.ru_maxrss,
+        "process_seconds": proc["process_seconds"],
+        "peak_rss_kib": proc["peak_rss_kib"],
         "run_summary": summary,
         "per_step": per_step,
         "output_dir": str(output_dir),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("per_step", "run_summary")}, indent=2))
+    write_runner_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import posttrain_version, read_run, run_cli, write_runner_result
 
 
 def _first(d: dict, *names, default=None):
@@ -90,19 +89,8 @@ def main() -> None:
         cmd += ["--completion_only_loss", "true" if args.loss_on == "completion" else "false"]
     cmd += args.extra
 
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, rusage = os.wait4(proc.pid, 0)
-    process_seconds = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        raise SystemExit(f"posttrain sft failed with exit code {rc}")
-
-    records = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps_log = [rec for rec in records if "loss" in rec]
-    summary_path = output_dir / "run_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    proc = run_cli(cmd)
+    steps_log, summary = read_run(output_dir)
 
     per_step = []
     prev_elapsed = 0.0
@@ -143,16 +131,9 @@ def main() -> None:
     steady = None
     if len(per_step) >= 2 and all(p["elapsed_seconds"] is not None for p in per_step) and num_tokens:
         steady = sum(step_tokens[1:]) / (per_step[-1]["elapsed_seconds"] - per_step[0]["elapsed_seconds"])
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _v
-
-    try:
-        version = _v("posttrain")
-    except PackageNotFoundError:
-        version = None
     result = {
         "tool": "posttrain",
-        "versions": {"posttrain": version},
+        "versions": {"posttrain": posttrain_version()},
         "command": cmd,
         "steps": steps,
         "train_seconds": train_seconds,
@@ -166,15 +147,13 @@ def main() -> None:
         "metrics_num_tokens_is_cumulative": cumulative,
         "summary_tokens_per_second": summary.get("tokens_per_second"),
         "last_line_elapsed_seconds": per_step[-1]["elapsed_seconds"] if per_step else None,
-        "process_seconds": process_seconds,
-        "peak_rss_kib": rusage.ru_maxrss,
+        "process_seconds": proc["process_seconds"],
+        "peak_rss_kib": proc["peak_rss_kib"],
         "run_summary": summary,
         "per_step": per_step,
         "output_dir": str(output_dir),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("per_step", "run_summary")}, indent=2))
+    write_runner_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _vm_hwm_kib() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+from harness import make_step_timer, vm_hwm_kib, write_runner_result
 
 
 def main() -> None:
@@ -68,7 +59,7 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="bench-trl-dpo-")
@@ -110,18 +101,6 @@ def main() -> None:
         **precision,
     )
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.t_first_begin: float | None = None
-            self.step_end_times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.t_first_begin is None:
-                self.t_first_begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.step_end_times.append(time.perf_counter())
-
     class CountingDPOTrainer(DPOTrainer):
         """Counts the tokens and pairs of every micro-batch, times the reference precompute."""
 
@@ -145,7 +124,7 @@ def main() -> None:
             self.step_pairs.append(int(inputs["input_ids"].size(0)) // 2)
             return super().training_step(model, inputs, num_items_in_batch)
 
-    timer = Timer()
+    timer = make_step_timer()
     torch.manual_seed(args.seed)
     trainer = CountingDPOTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer]
@@ -155,7 +134,7 @@ def main() -> None:
         Path(args.dump_tokens).write_text(json.dumps(
             [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in trainer.train_dataset]))
     t_setup_done = time.perf_counter()
-    hwm_before_train = _vm_hwm_kib()
+    hwm_before_train = vm_hwm_kib()
     trainer.train()
     t_train_done = time.perf_counter()
     if not args.no_save:
@@ -220,13 +199,11 @@ def main() -> None:
         "save_seconds": t_end - t_train_done,
         "process_seconds": t_end - t_process,
         "vm_hwm_before_train_kib": hwm_before_train,
-        "vm_hwm_kib": _vm_hwm_kib(),
+        "vm_hwm_kib": vm_hwm_kib(),
         "per_step": per_step,
         "output_dir": output_dir,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=2))
+    write_runner_result(args.out, result)
 
 
 if __name__ == "__main__":

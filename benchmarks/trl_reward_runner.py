@@ -17,9 +17,9 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from harness import make_step_timer, write_runner_result
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="bench-trl-reward-")
@@ -76,18 +76,6 @@ def main() -> None:
         dataloader_num_workers=0,
     )
 
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.t_first_begin: float | None = None
-            self.step_end_times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.t_first_begin is None:
-                self.t_first_begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.step_end_times.append(time.perf_counter())
-
     class CountingRewardTrainer(RewardTrainer):
         def __init__(self, *a, **kw):
             self.step_tokens: list[int] = []
@@ -101,7 +89,7 @@ def main() -> None:
             self.step_pairs.append(int(inputs["input_ids"].shape[0]) // 2)
             return super().training_step(model, inputs, num_items_in_batch)
 
-    timer = Timer()
+    timer = make_step_timer()
     torch.manual_seed(args.seed)
     trainer = CountingRewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                     callbacks=[timer])
@@ -148,9 +136,7 @@ def main() -> None:
         "per_step": per_step,
         "output_dir": output_dir,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=2))
+    write_runner_result(args.out, result)
 
 
 if __name__ == "__main__":

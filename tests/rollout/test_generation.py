@@ -135,10 +135,10 @@ def test_two_eos_ids_in_generation_config_both_stop(tokenizer):
     stopped = gen(backend, PROMPTS[:2], max_completion_length=10, seed=5)
     assert stopped.completion_ids == [u0[: u0.index(a) + 1], u1[: u1.index(b) + 1]]
     assert stopped.truncated == [False, False]
-    assert stopped.sampler_logps == [
-        free.sampler_logps[0][: u0.index(a) + 1],
-        free.sampler_logps[1][: u1.index(b) + 1],
-    ]
+    # a stopped row leaves the batch, so the other row's forward runs at another batch size:
+    # the same ids, log-probs equal up to fp32 rounding
+    for got, want, n in zip(stopped.sampler_logps, free.sampler_logps, (u0.index(a) + 1, u1.index(b) + 1)):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want[:n]), atol=1e-5, rtol=0)
 
 
 def test_stop_token_argument_and_texts(tokenizer):
@@ -182,6 +182,40 @@ def test_seed_determinism_and_global_rng_untouched(tokenizer):
     c = gen(backend, PROMPTS, num_generations=2, seed=8)
     assert a == b
     assert a.completion_ids != c.completion_ids
+
+
+def test_a_row_sample_does_not_depend_on_other_rows_stopping(tokenizer):
+    """Finished completions leave the decode batch; the noise of each draw is per original row, so
+    the same seed gives a row the same tokens whether or not the others stopped early."""
+    model = sharp_llama(seed=3)
+    backend = HFGenerationBackend(model, tokenizer)
+    long = gen(backend, PROMPTS, num_generations=2, max_completion_length=12, seed=11)
+    short_first = gen(backend, PROMPTS, num_generations=2, max_completion_length=12, seed=11,
+                      stop_token_ids=[long.completion_ids[0][0]])  # row 0 stops at once
+    assert short_first.completion_ids[0] == long.completion_ids[0][:1]
+    for got, want in zip(short_first.completion_ids[1:], long.completion_ids[1:]):
+        cut = next((i + 1 for i, t in enumerate(want) if t == long.completion_ids[0][0]), len(want))
+        assert got == want[:cut]
+
+
+def test_one_prefill_per_prompt_and_finished_rows_leave_the_batch(tokenizer):
+    """The prompt is run once for its whole group (the cache is repeated), and the decode batch
+    shrinks as completions stop."""
+    model = sharp_llama(seed=3)
+    batch_sizes = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: batch_sizes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    r = gen(HFGenerationBackend(model, tokenizer), PROMPTS, num_generations=4, max_completion_length=12, seed=2,
+            stop_token_ids=[253, 314, 900])
+    hook.remove()
+    assert batch_sizes[0] == (3, 9)  # one prefill: 3 prompts (not 12 rows), left-padded to 9
+    decode = [b for b, t in batch_sizes[1:]]
+    assert all(t == 1 for _, t in batch_sizes[1:]) and decode[-1] < 12  # some rows did stop
+    assert decode == sorted(decode, reverse=True)
+    finished_by = [sum(1 for c, tr in zip(r.completion_ids, r.truncated) if not tr and len(c) <= s)
+                   for s in range(1, len(decode) + 1)]
+    assert decode == [12 - n for n in finished_by]
+    assert_logps_match(model, r)
 
 
 def test_groups_are_consecutive(tokenizer):

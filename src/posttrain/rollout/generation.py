@@ -5,9 +5,14 @@ exactly as sampled and the sampler's log-prob of each of them. Nothing is decode
 on the way to the loss (pitfall 17); text exists only for reward functions and logs
 (:meth:`Rollout.texts`).
 
-:class:`HFGenerationBackend` runs ``model.generate`` (KV cache) on the very module being trained,
-so it never holds stale weights (pitfall 15); stop ids are the generation config's eos ids (an int
-or a list) ∪ the tokenizer's eos ∪ ``--stop_token`` (pitfall 16).
+:class:`HFGenerationBackend` samples with the very module being trained (a transformers causal LM
+and its KV cache), so it never holds stale weights (pitfall 15); stop ids are the generation
+config's eos ids (an int or a list) ∪ the tokenizer's eos ∪ ``--stop_token`` (pitfall 16).
+
+Its decode loop is posttrain's own rather than ``model.generate`` because a group shares one
+prompt: the prompt is run ONCE and its KV cache repeated for the G completions (``generate``
+would prefill every copy), and a completion that has stopped leaves the batch (``generate`` keeps
+computing it until the longest one ends). Sampling reuses transformers' logits warpers.
 """
 
 from __future__ import annotations
@@ -176,35 +181,6 @@ def resolve_stop_token_ids(model: nn.Module, tokenizer=None, extra: list[int] | 
     return list(dict.fromkeys(ids))
 
 
-class _SamplerLogProbs:
-    """A logits processor, placed LAST, that records the log-prob of each sampled token under the
-    processed (sampling) distribution without keeping the per-step scores: at step t it sees the
-    token sampled at step t-1 (the last column of input_ids) and gathers it from step t-1's
-    log-softmax, which is the only (B, V) block held."""
-
-    def __init__(self):
-        self.calls = 0
-        self.last: Tensor | None = None
-        self.gathered: list[Tensor] = []
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.last is not None:
-            self.gathered.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.last = torch.log_softmax(scores.float(), dim=-1)
-        self.calls += 1
-        return scores
-
-    def logps(self, new_tokens: Tensor) -> Tensor:
-        """(B, n) log-probs of the n generated columns ``new_tokens``."""
-        n = new_tokens.shape[1]
-        cols = list(self.gathered[:n])
-        if len(cols) < n:  # the final step's token: sampled after the last call
-            cols.append(self.last.gather(1, new_tokens[:, len(cols) : len(cols) + 1]).squeeze(1))
-        if len(cols) != n:
-            raise RuntimeError(f"recorded {len(cols)} sampler log-probs for {n} generated tokens")
-        return torch.stack(cols, dim=1) if cols else new_tokens.new_zeros(new_tokens.shape[0], 0).float()
-
-
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
@@ -213,7 +189,8 @@ def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 class HFGenerationBackend:
-    """``model.generate`` (KV cache) on the trained module itself.
+    """Sampling with KV cache on the trained module itself: one prefill per prompt, its cache
+    repeated for the group, finished completions dropped from the batch.
 
     model: a HF causal LM, a peft model, or a LogProbModel / DDP wrapper (unwrapped).
     tokenizer: gives the pad id (left padding) and an eos id.
@@ -268,10 +245,10 @@ class HFGenerationBackend:
                 "pass --stop_token"
             )
         modes = _module_modes(self.model)
-        self.model.eval()
+        self.model.eval()  # no dropout while sampling; the train/eval state is restored below
         device = _device_of(self.model)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
                 if seed is not None:
                     torch.manual_seed(seed)
                 step = self.batch_size or len(prompt_ids)
@@ -305,82 +282,111 @@ class HFGenerationBackend:
     def _generate_batch(
         self, prompts, offset, num_generations, max_new, temperature, top_p, top_k, stop_ids, device
     ) -> Rollout:
-        from transformers import GenerationConfig, LogitsProcessorList
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
         pad = self._pad_id(stop_ids)
         width = max(len(p) for p in prompts)
-        rows = [p for p in prompts for _ in range(num_generations)]  # a prompt's group is consecutive
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(rows):  # LEFT padding: every prompt ends where generation starts
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # LEFT padding: every prompt ends where generation starts
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift positions
 
-        do_sample = temperature > 0
-        # Sampling is done by our own warpers, in the order vLLM and HF use (temperature, top-k,
-        # top-p), followed by the recorder: HF appends its own warpers AFTER custom processors, so
-        # they are switched off in the config and ours are passed as the (last) custom processors.
-        processors = LogitsProcessorList()
-        if do_sample and temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if do_sample and top_k:
-            processors.append(TopKLogitsWarper(top_k=int(top_k)))
-        if do_sample and top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=float(top_p)))
-        recorder = _SamplerLogProbs()
-        processors.append(recorder)
-        # Sampling knobs the model's generation_config may carry (SmolLM2's says temperature 0.2,
-        # top_p 0.9) are set explicitly so that only this call's arguments shape the distribution.
-        config = GenerationConfig(
-            do_sample=do_sample,
-            num_beams=1,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            # None would be filled from the model's config: 0.0 makes HF's min-p warper a no-op
-            min_p=0.0 if getattr(self.model.generation_config, "min_p", None) is not None else None,
-            typical_p=1.0,
-            epsilon_cutoff=0.0,
-            eta_cutoff=0.0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            min_length=0,
-            max_new_tokens=max_new,
-            num_return_sequences=1,
-            eos_token_id=stop_ids,
-            pad_token_id=pad,
-            use_cache=True,
-            return_dict_in_generate=True,
-        )
-        out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-            logits_processor=processors,
-        )
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        new_tokens = sequences[:, width:]
-        logps = recorder.logps(new_tokens)
-        new_tokens, logps = new_tokens.tolist(), logps.cpu().tolist()
+        # One prefill per prompt; its cache and last logits are repeated for the group's G rows.
+        out = self._forward(input_ids, attention_mask, position_ids, cache=None, last_only=True)
+        cache = out.past_key_values
+        if cache is None:
+            raise TypeError(f"{type(self.model).__name__} returned no KV cache; the hf backend needs use_cache support")
+        logits = out.logits[:, -1, :]
+        if num_generations > 1:
+            cache.batch_repeat_interleave(num_generations)
+            logits = logits.repeat_interleave(num_generations, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+            position_ids = position_ids.repeat_interleave(num_generations, dim=0)
+        next_position = position_ids[:, -1:] + 1
 
-        stop = set(stop_ids)
+        warpers = _sampling_warpers(temperature, top_k, top_p)
+        stop = torch.tensor(stop_ids, device=device)
+        rows = logits.shape[0]
+        tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
+        logps = torch.zeros((rows, max_new), dtype=torch.float32, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        live = torch.arange(rows, device=device)  # which original row each batch row is
+        for t in range(max_new):
+            scores = logits.float()
+            for warp in warpers:
+                scores = warp(None, scores)  # transformers' warpers ignore input_ids
+            # the sampler's own distribution, recorded for every sampled token (Rollout.sampler_logps)
+            step_logps = torch.log_softmax(scores, dim=-1)
+            if temperature > 0:
+                # exponential race (argmax p / E, E ~ Exp(1)) == a draw from p; the noise is drawn for
+                # every original row, so a row's sample does not depend on which others have stopped
+                noise = torch.empty((rows, scores.shape[-1]), device=device).exponential_()[live]
+                sampled = (step_logps.exp() / noise).argmax(dim=-1)
+            else:
+                sampled = scores.argmax(dim=-1)
+            tokens[live, t] = sampled
+            logps[live, t] = step_logps.gather(1, sampled[:, None]).squeeze(1)
+            lengths[live] = t + 1
+            done = torch.isin(sampled, stop)
+            finished[live] = done
+            if t == max_new - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # a finished completion leaves the batch (and the cache)
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, sampled = live[keep], sampled[keep]
+                attention_mask, next_position = attention_mask[keep], next_position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            out = self._forward(sampled[:, None], attention_mask, next_position, cache=cache, last_only=False)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            next_position = next_position + 1
+
+        tokens, logps, lengths, finished = tokens.tolist(), logps.cpu().tolist(), lengths.tolist(), finished.tolist()
         rollout = Rollout([], [], [], [], [], num_generations, stop_ids)
-        for row, (ids, lps) in enumerate(zip(new_tokens, logps)):
-            end = next((t + 1 for t, tok in enumerate(ids) if tok in stop), None)
-            truncated = end is None
-            end = len(ids) if truncated else end
+        for row in range(rows):
             k = row // num_generations
             rollout.prompt_ids.append(list(prompts[k]))
-            rollout.completion_ids.append(ids[:end])
-            rollout.sampler_logps.append(lps[:end])
-            rollout.truncated.append(truncated)
+            rollout.completion_ids.append(tokens[row][: lengths[row]])
+            rollout.sampler_logps.append(logps[row][: lengths[row]])
+            rollout.truncated.append(not finished[row])
             rollout.prompt_index.append(offset + k)
         return rollout
+
+    def _forward(self, input_ids, attention_mask, position_ids, *, cache, last_only: bool):
+        kwargs = {"logits_to_keep": 1} if last_only and self._takes_logits_to_keep() else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, **kwargs)
+
+    def _takes_logits_to_keep(self) -> bool:
+        """transformers' causal LMs can skip the vocabulary projection of all but the last prompt
+        position; a peft wrapper passes the keyword through to its base model."""
+        import inspect
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _sampling_warpers(temperature: float, top_k: int | None, top_p: float) -> list:
+    """transformers' logits warpers in the order vLLM and HF apply them: temperature, top-k, top-p.
+    Greedy (temperature 0): none, so the recorded log-probs are the untempered distribution."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    if temperature <= 0:
+        return []
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=int(top_k)))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=float(top_p)))
+    return warpers
 
 
 def _device_of(model: nn.Module) -> torch.device:
