@@ -178,6 +178,7 @@ def _cli(*args):
 
 def test_cli_dry_run_prints_the_plan_and_bad_keys_are_one_line_errors(finished, tmp_path):
     spec, _, out = finished
+    spec = copy.deepcopy(spec)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     proc = _cli("pipeline", path, "--dry_run")
@@ -190,3 +191,29 @@ def test_cli_dry_run_prints_the_plan_and_bad_keys_are_one_line_errors(finished, 
     bad = _cli("pipeline", path)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {path}: stage 'dpo': unknown key bta; did you mean beta?"
+
+
+def test_added_ppo_and_eval_stages_run_on_the_cached_ones(finished, task_data):
+    """The RLHF shape: ppo (policy sft, rewarded and its critic initialised by the reward stage) →
+    eval (ppo against sft); the existing stages stay cached and the pipeline report is built."""
+    import shutil
+
+    spec, _, out = finished
+    grown = copy.deepcopy(spec)
+    grown["output_dir"] = str(out.parent / "grown")
+    shutil.copytree(out, grown["output_dir"])
+    grown["stages"]["ppo"] = {"model": "sft", "reward_model": "reward", "dataset_name": str(task_data["prompts"]),
+                              "max_completion_length": 6, "num_ppo_epochs": 1, "max_steps": 1,
+                              "per_device_train_batch_size": 4, "save_steps": 0}
+    grown["stages"]["final"] = {"command": "eval", "model": "ppo", "baseline": "sft", "reward_model": "reward",
+                                "dataset_name": str(task_data["prompts"]), "max_completion_length": 6,
+                                "num_samples": 1}
+    result = run_pipeline(grown)
+    assert result.ran == ["ppo", "final"]
+    grown_dir = Path(grown["output_dir"])
+    record = json.loads((grown_dir / "final" / "eval.json").read_text())
+    assert record["model"] == str(grown_dir / "ppo") and record["baseline"] == str(grown_dir / "sft")
+    assert "sampled/kl_k1" in record["comparison"]
+    assert result.report_path == grown_dir / "report.html" and result.report_path.exists()
+    with pytest.raises(Exception, match="stage 'final' is an eval stage and writes no model"):
+        load_pipeline({**grown, "stages": {**grown["stages"], "after": {"command": "dpo", "model": "final"}}})

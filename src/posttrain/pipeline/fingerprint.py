@@ -4,7 +4,7 @@ hash = sha256 of a canonical JSON of
   - the command and its resolved config, minus keys that do not change the result (output_dir,
     resume_from_checkpoint, the progress bar), with stage references written as `stage:<name>`;
   - the hash of every referenced stage (so a change upstream reruns everything that reads it);
-  - the content of local inputs: data files (or data dirs), local reward-function modules, and a
+  - the content of local inputs: data files (or data dirs), local reward-function and judge modules, and a
     size+mtime fingerprint of local model dirs that are not pipeline stages.
 """
 
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from posttrain.pipeline.spec import Stage
+from posttrain.pipeline.spec import CALLABLE_KEYS, Stage
 
 IGNORED_KEYS = ("output_dir", "resume_from_checkpoint", "disable_tqdm")
 CONTENT_HASH_LIMIT = 64 * 2**20  # bigger files (model weights) are fingerprinted by size and mtime
@@ -66,7 +66,10 @@ def local_inputs(stage: Stage) -> dict[str, str]:
     for key, value in values.items():
         if key in IGNORED_KEYS or key in stage.references:
             continue
-        if isinstance(value, str) and value and Path(value).exists():
+        module_file = _reward_module_file(value) if key in CALLABLE_KEYS and isinstance(value, str) else None
+        if module_file is not None:
+            digests[key] = file_digest(module_file)
+        elif isinstance(value, str) and value and Path(value).exists():
             digests[key] = path_digest(Path(value))
         elif isinstance(value, list):
             for i, entry in enumerate(value):

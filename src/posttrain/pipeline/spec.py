@@ -29,6 +29,7 @@ TOP_LEVEL_KEYS = ("output_dir", "defaults", "stages")
 REFERENCE_KEYS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_path", "baseline",
                   "value_model_path")
 LIST_REFERENCE_KEYS = ("reward_funcs",)  # each entry may name a reward stage
+CALLABLE_KEYS = ("reward_funcs", "judge")  # `module:function` or `file.py:function` specs
 # The issue's short spellings, accepted in stages and defaults.
 KEY_ALIASES = {"model": "model_name_or_path", "reward_model": "reward_model_path",
                "ref_model": "ref_model_name_or_path", "value_model": "value_model_path"}
@@ -116,7 +117,8 @@ def _beside(value: str, base_dir: Path | None) -> str:
 
 
 def _reward_func_beside(spec: str, base_dir: Path | None) -> str:
-    """`path/to/file.py:fn` resolved beside the YAML; built-ins and module names unchanged."""
+    """`path/to/file.py:fn` (a reward function or judge) resolved beside the YAML; built-ins and
+    module names unchanged."""
     module, sep, attr = spec.rpartition(":")
     if sep and module.endswith(".py"):
         return f"{_beside(module, base_dir)}:{attr}"
@@ -222,6 +224,8 @@ def _resolve(values: dict[str, Any], stage: Stage, earlier: list[Stage], all_nam
         elif key in LIST_REFERENCE_KEYS and isinstance(value, list):
             resolved[key] = [reference(f"{key}[{i}]", str(v)) or _reward_func_beside(str(v), base)
                              for i, v in enumerate(value)]
+        elif isinstance(value, str) and key in CALLABLE_KEYS:
+            resolved[key] = _reward_func_beside(value, base)
         elif isinstance(value, str) and _is_path_key(key):
             resolved[key] = _beside(value, base)
     return resolved
