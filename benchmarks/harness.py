@@ -157,7 +157,11 @@ def ratio(ours: dict | None, theirs: dict | None, key: str) -> float | None:
 
 
 def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        return "-"
+    if spec.endswith("d") and isinstance(v, float):  # counts that went through a float metric
+        v = round(v)
+    return format(v, spec)
 
 
 def fmtx(v) -> str:

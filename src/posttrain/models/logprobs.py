@@ -9,6 +9,7 @@ is kept. The log-softmax is always computed in fp32 (pitfall 11).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -196,6 +197,22 @@ def _head_logprobs(head: nn.Module, scale: float, softcap: float | None, tempera
     return fn
 
 
+@dataclass
+class SharedPrefix:
+    """Prompts shared by several rows (a GRPO group: G completions of one prompt).
+
+    input_ids, attention_mask (P, S): the P distinct prompts, LEFT-padded (each ends at column S-1).
+    index (B,): which prompt each of the B scored rows continues.
+
+    Given to :meth:`LogProbModel.forward`, each prompt is run once and its keys/values are reused
+    by all its rows, instead of being recomputed for every row.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    index: Tensor
+
+
 def _unwrap_peft(model: nn.Module) -> nn.Module:
     # LoRA layers are injected in place, so the base model's own modules already carry them
     get_base = getattr(model, "get_base_model", None)
@@ -239,6 +256,7 @@ class LogProbModel(nn.Module):
         with_accuracy: bool = False,
         temperature: float = 1.0,
         return_hidden: bool = False,
+        prefix: SharedPrefix | None = None,
     ) -> dict[str, Tensor | None]:
         """Log-prob of each next token.
 
@@ -254,23 +272,35 @@ class LogProbModel(nn.Module):
 
         return_hidden: also return ``"hidden"``, the backbone's final hidden states (B, T, H), e.g.
         for a value head that shares the policy's backbone (PPO).
+
+        prefix (:class:`SharedPrefix`): the rows are continuations of shared prompts. Then
+        input_ids / attention_mask (B, T) are the continuations alone (right-padded) and EVERY
+        token is scored: entry t of the (B, T) results scores input_ids[:, t] given the row's
+        prompt and input_ids[:, :t]; target_mask is (B, T). Same numbers as scoring prompt +
+        continuation rows (to fp32 rounding), with each prompt's forward done once.
         """
         backbone, head, config = self._parts()
-        # use_cache=False: with a KV cache transformers skips packed-sequence detection
-        out = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state[:, :-1]
-        targets = input_ids[:, 1:]
-        b, t1 = targets.shape
-        if attention_mask is not None:
-            keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        if prefix is not None:
+            if return_hidden or position_ids is not None or attention_mask is None:
+                raise ValueError("prefix= needs an attention_mask and takes no position_ids or return_hidden")
+            hidden, targets = self._hidden_after_prefix(backbone, input_ids, attention_mask, prefix), input_ids
+            keep = attention_mask.bool()
         else:
-            keep = torch.ones_like(targets, dtype=torch.bool)
+            # use_cache=False: with a KV cache transformers skips packed-sequence detection
+            out = backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                return_dict=True,
+            )
+            hidden = out.last_hidden_state[:, :-1]
+            targets = input_ids[:, 1:]
+            if attention_mask is not None:
+                keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+            else:
+                keep = torch.ones_like(targets, dtype=torch.bool)
+        b, t1 = targets.shape
         if target_mask is not None:
             keep = keep & target_mask.bool()
         # only real positions go through the head: padding costs no vocabulary matmul
@@ -310,6 +340,31 @@ class LogProbModel(nn.Module):
         if return_hidden:
             result["hidden"] = out.last_hidden_state
         return result
+
+    def _hidden_after_prefix(self, backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                             prefix: SharedPrefix) -> Tensor:
+        """(B, T, H): entry t is the final hidden state that predicts input_ids[:, t]."""
+        p_mask = prefix.attention_mask
+        p_positions = (p_mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        row_mask = torch.cat([p_mask.index_select(0, prefix.index), attention_mask], dim=1)
+        if getattr(backbone, "gradient_checkpointing", False) and backbone.training:
+            # checkpointed layers run without a KV cache: score [prompt | continuation] rows instead
+            full_ids = torch.cat([prefix.input_ids.index_select(0, prefix.index), input_ids], dim=1)
+            positions = (row_mask.cumsum(-1) - 1).clamp(min=0)
+            out = backbone(input_ids=full_ids, attention_mask=row_mask, position_ids=positions, use_cache=False,
+                           return_dict=True)
+            s = prefix.input_ids.shape[1]
+            return out.last_hidden_state[:, s - 1 : s - 1 + input_ids.shape[1]]
+        first = backbone(input_ids=prefix.input_ids, attention_mask=p_mask, position_ids=p_positions, use_cache=True,
+                         return_dict=True)
+        cache = first.past_key_values
+        cache.batch_select_indices(prefix.index)  # each row gets its prompt's keys/values (differentiable)
+        positions = p_mask.sum(-1).index_select(0, prefix.index)[:, None] + torch.arange(
+            input_ids.shape[1], device=input_ids.device)
+        rest = backbone(input_ids=input_ids, attention_mask=row_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, return_dict=True)
+        last_prompt = first.last_hidden_state[:, -1:].index_select(0, prefix.index)
+        return torch.cat([last_prompt, rest.last_hidden_state[:, :-1]], dim=1)
 
     def _fallback(self, h, y, head, scale, softcap, temperature, with_entropy, with_accuracy):
         fn = _head_logprobs(head, scale, softcap, temperature, (with_entropy, with_accuracy))

@@ -39,10 +39,13 @@ class ReferencePolicy:
 
     @torch.no_grad()
     def token_logps(self, policy_scorer: LogProbModel, input_ids, attention_mask=None, position_ids=None,
-                    target_mask=None, temperature: float = 1.0) -> torch.Tensor:
-        """(B, T-1) fp32 reference log-probs; `policy_scorer` is the unwrapped (not DDP) policy."""
+                    target_mask=None, temperature: float = 1.0, prefix=None) -> torch.Tensor:
+        """(B, T-1) fp32 reference log-probs — (B, T) with a shared `prefix` (see
+        LogProbModel.forward); `policy_scorer` is the unwrapped (not DDP) policy."""
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "target_mask": target_mask,
                   "temperature": temperature}
+        if prefix is not None:
+            kwargs["prefix"] = prefix
         if self.mode == "separate":
             return self.scorer(input_ids, **kwargs)["logps"]
         was_training = policy_scorer.training

@@ -48,18 +48,37 @@ class StepRollouts:
     metrics: dict[str, float]
 
 
-def _completion_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
-    """Right-padded rows prompt + completion; completion_mask marks the sampled tokens."""
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    width = max(lengths)
-    input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+def _group_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+    """Completions right-padded (B, T), `completion_mask` marking the sampled tokens, and their
+    distinct prompts once each, left-padded (`prefix_*`, with `prefix_index` (B,) row -> prompt):
+    a group's prompt is run once for its G completions (LogProbModel's SharedPrefix)."""
+    distinct: dict[tuple[int, ...], int] = {}
+    index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    prompts = list(distinct)
+    width = max(len(p) for p in prompts)
+    prefix_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros_like(prefix_ids)
+    for i, p in enumerate(prompts):
+        prefix_ids[i, width - len(p):] = torch.tensor(p)
+        prefix_mask[i, width - len(p):] = 1
+    length = max(len(c) for c in completion_ids)
+    input_ids = torch.full((len(completion_ids), length), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
-    completion = torch.zeros_like(input_ids)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention[i, : len(p) + len(c)] = 1
-        completion[i, len(p): len(p) + len(c)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+    for i, c in enumerate(completion_ids):
+        input_ids[i, : len(c)] = torch.tensor(c)  # the ids exactly as sampled (pitfall 17)
+        attention[i, : len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": attention.clone(),
+            "prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "prefix_index": torch.tensor(index)}
+
+
+def _scorer_kwargs(batch: dict, temperature: float) -> dict:
+    """LogProbModel / reference keyword arguments for a group batch: entry t of the (B, T) result
+    scores completion token t."""
+    from posttrain.models.logprobs import SharedPrefix
+
+    return {"attention_mask": batch["attention_mask"], "target_mask": batch["completion_mask"].bool(),
+            "temperature": temperature,
+            "prefix": SharedPrefix(batch["prefix_ids"], batch["prefix_mask"], batch["prefix_index"])}
 
 
 def _sampler_step(config: GRPOConfig) -> tuple[int, int]:
@@ -172,15 +191,13 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
         micro_batches, slices = [], []
         for start in range(0, len(rollout), micro_size):
             sl = slice(start, start + micro_size)
-            batch = _completion_batch(rollout.prompt_ids[sl], rollout.completion_ids[sl], tokenizer.pad_token_id)
+            batch = _group_batch(rollout.prompt_ids[sl], rollout.completion_ids[sl], tokenizer.pad_token_id)
             if config.mask_truncated_completions:
                 # a cut completion has no ending to judge: out of the loss AND its denominator
                 batch["completion_mask"][truncated[sl]] = 0
             batch = batch_to_device(batch, device)
-            mask = batch["completion_mask"][:, 1:]
             with torch.no_grad():
-                kwargs = {"attention_mask": batch["attention_mask"], "target_mask": mask,
-                          "temperature": config.temperature}
+                kwargs = _scorer_kwargs(batch, config.temperature)
                 if config.num_iterations > 1 or method == "rloo":
                     # the sampling policy's log-probs, fixed for every pass over this rollout
                     batch["old_logps"] = run.unwrapped()(batch["input_ids"], **kwargs)["logps"]
@@ -191,7 +208,7 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
         if method == "rloo":
             # RLOO: the KL (k1, summed over the completion) is folded into the reward, then the
             # leave-one-out baseline: A_i = r_i - mean_{j != i} r_j
-            seq_kl = torch.cat([((b["old_logps"] - b["ref_logps"]) * b["completion_mask"][:, 1:]).sum(-1).cpu()
+            seq_kl = torch.cat([((b["old_logps"] - b["ref_logps"]) * b["completion_mask"]).sum(-1).cpu()
                                 for b in micro_batches]) if reference is not None else torch.zeros_like(rewards)
             shaped = rewards - config.beta * seq_kl
             advantages = rloo_advantages(shaped, config.num_generations)
@@ -214,17 +231,16 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
                 current = collect(run, step)
             batches = current.micro_batches
             # global normalisers, over every micro-batch of the step on every process
-            n_tokens = run.global_sum(sum(float(b["completion_mask"][:, 1:].sum()) for b in batches))
+            n_tokens = run.global_sum(sum(float(b["completion_mask"].sum()) for b in batches))
             # a completion masked out (e.g. truncated) leaves every denominator too (pitfall 16)
-            n_seqs = run.global_sum(sum(int(b["completion_mask"][:, 1:].any(-1).sum()) for b in batches))
+            n_seqs = run.global_sum(sum(int(b["completion_mask"].any(-1).sum()) for b in batches))
             step_loss = torch.zeros((), device=device)
             sums = {"kl": 0.0, "entropy": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0}
             step_tokens = 0
             for k, batch in enumerate(batches):
-                mask = batch["completion_mask"][:, 1:].float()
+                mask = batch["completion_mask"].float()
                 with run.sync(k, len(batches)):
-                    out = run.module(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     target_mask=mask.bool(), with_entropy=True, temperature=config.temperature)
+                    out = run.module(batch["input_ids"], with_entropy=True, **_scorer_kwargs(batch, config.temperature))
                     logps = out["logps"]
                     old = batch.get("old_logps", logps.detach())  # one pass: ratio == 1 exactly
                     per_token, stats = clipped_policy_loss(logps, old, batch["advantages"], mask,
@@ -244,7 +260,8 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
                 sums["entropy"] += float(masked_sum(out["entropy"], mask))
                 sums["clip_ratio/low"] += float((stats["clipped_low"].float() * mask).sum())
                 sums["clip_ratio/high"] += float((stats["clipped_high"].float() * mask).sum())
-                step_tokens += int(batch["attention_mask"].sum())
+                # tokens in the trained sequences, prompt included (each prompt is computed once)
+                step_tokens += int(batch["attention_mask"].sum() + batch["prefix_mask"].sum(-1)[batch["prefix_index"]].sum())
             metrics = {key: run.global_sum(v) / max(n_tokens, 1) for key, v in sums.items()}
             if reference is None or method == "rloo":
                 metrics.pop("kl")
