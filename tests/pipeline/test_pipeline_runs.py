@@ -146,7 +146,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path, tiny_dir, task_
     assert not (out / "reward").exists()
 
     monkeypatch.setattr(TrainingSession, "finish_step", original)
-    assert _statuses(spec) == {"sft": "resume from step 3", "reward": "run (input sft reruns)"}
+    assert _statuses(spec) == {"sft": "resume from step 3", "reward": "run (new)"}
     capsys.readouterr()
     second = run_pipeline(spec)
     assert second.ran == ["sft", "reward"]

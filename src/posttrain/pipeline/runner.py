@@ -117,10 +117,10 @@ def plan_pipeline(pipeline: Pipeline, force: str | None = None) -> list[StagePla
         rerun_inputs = [name for name in stage.upstream if name in running]
         if forced_from is not None and index >= forced_from:
             plan.action = "forced"
-        elif rerun_inputs:
-            plan.reason = f"input {', '.join(rerun_inputs)} reruns"
         elif record is None:
             plan.reason = "new"
+        elif rerun_inputs:
+            plan.reason = f"input {', '.join(rerun_inputs)} reruns"
         elif record.get("hash") != digest:
             plan.reason = describe_change(record.get("payload"), payload)
         elif record.get("finished"):
@@ -162,6 +162,8 @@ def stage_reads(stage: Stage) -> str:
             parts.append(f"{label}: embedded default")
         elif key in stage.references:
             parts.append(f"{label}: {stage.references[key]}")
+        elif key in stage.start_keys:
+            parts.append(f"{label}: start")
         elif key in LIST_REFERENCE_KEYS and value:
             entries = [stage.references.get(f"{key}[{i}]") or _short_spec(str(v)) for i, v in enumerate(value)]
             parts.append(f"{label}: {', '.join(entries)}")

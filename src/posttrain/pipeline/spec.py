@@ -11,7 +11,8 @@
 A stage is `name: {command: <cmd> (default: the name), <that command's keys>}`. A value in a
 reference key (model_name_or_path, ref_model_name_or_path, reward_model_path, baseline,
 value_model_path, or an entry of reward_funcs) equal to an EARLIER stage's name means that
-stage's output dir. Commands come from `cli.TRAIN_COMMANDS`, so a new command is a new stage kind.
+stage's output dir; `start` there means the starting model (defaults' model_name_or_path, else
+the embedded default). Commands come from `cli.TRAIN_COMMANDS`, so a new command is a new stage kind.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ KEY_ALIASES = {"model": "model_name_or_path", "reward_model": "reward_model_path
                "ref_model": "ref_model_name_or_path", "value_model": "value_model_path"}
 # Set by the pipeline itself, never by the YAML.
 MANAGED_KEYS = ("output_dir", "resume_from_checkpoint")
+# In a reference key: the pipeline's starting model (defaults' model_name_or_path, else the
+# embedded default), e.g. `baseline: start` to compare the final model with where it began.
+START = "start"
 # Commands whose output dir holds no model (cannot be referenced as one).
 NON_MODEL_COMMANDS = ("eval",)
 
@@ -45,6 +49,7 @@ class Stage:
     command: str
     config: Any  # the command's config dataclass, output_dir = <pipeline output_dir>/<name>
     references: dict[str, str] = field(default_factory=dict)  # "key" or "reward_funcs[i]" -> stage name
+    start_keys: list[str] = field(default_factory=list)  # keys given as `start` (the starting model)
 
     @property
     def output_dir(self) -> Path:
@@ -167,8 +172,8 @@ def load_pipeline(source: str | Path | dict[str, Any], *, base_dir: str | Path |
     for name, keys in stages_raw.items():
         name = str(name)
         at = f"{where}: stage {name!r}"
-        if not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"{at}: a stage name must be a plain directory name")
+        if not name or "/" in name or name.startswith(".") or name == START:
+            raise ConfigError(f"{at}: a stage name must be a plain directory name other than {START!r}")
         if keys is None:
             keys = {}
         if not isinstance(keys, dict):
@@ -182,7 +187,8 @@ def load_pipeline(source: str | Path | dict[str, Any], *, base_dir: str | Path |
         defaults_used.update(values)
         values = check_keys({**values, **own}, config_cls, at)
         stage = Stage(name=name, command=command, config=None)
-        values = _resolve(values, stage, stages, [str(n) for n in stages_raw], out, base, at)
+        values = _resolve(values, stage, stages, [str(n) for n in stages_raw], out, base, at,
+                          start=defaults.get("model_name_or_path"))
         try:
             stage.config = config_cls(**values, output_dir=str(out / name))
         except (TypeError, ValueError) as exc:
@@ -196,12 +202,24 @@ def load_pipeline(source: str | Path | dict[str, Any], *, base_dir: str | Path |
     return Pipeline(source=where, output_dir=out, stages=stages, raw=raw)
 
 
+def _start_model(start: str | None, base: Path | None) -> str:
+    if start is not None:
+        return _beside(start, base)
+    from posttrain.models.default_model import default_model_dir
+
+    return str(default_model_dir())
+
+
 def _resolve(values: dict[str, Any], stage: Stage, earlier: list[Stage], all_names: list[str], out: Path,
-             base: Path | None, at: str) -> dict[str, Any]:
-    """Stage references → their output dirs; relative local paths → beside the YAML."""
+             base: Path | None, at: str, start: str | None) -> dict[str, Any]:
+    """Stage references → their output dirs; `start` → the starting model; relative local paths →
+    beside the YAML."""
     by_name = {s.name: s for s in earlier}
 
     def reference(key: str, value: str) -> str | None:
+        if value == START and not key.startswith(LIST_REFERENCE_KEYS):
+            stage.start_keys.append(key)
+            return _start_model(start, base)
         if value == stage.name:
             raise ConfigError(f"{at}: {key}: a stage cannot read its own output")
         target = by_name.get(value)
