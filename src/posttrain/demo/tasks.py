@@ -67,18 +67,70 @@ def generate(seed: int = 1234, n_train: int = 512, n_eval: int = 64) -> tuple[li
     return train, held_out
 
 
+def problem_key(problem: dict) -> str:
+    return f"{problem['a']}{problem['op']}{problem['b']}"
+
+
+def _held_out_keys(held_out: list[dict]) -> set[str]:
+    """The problems of held-out rows, recovered from their prompt text."""
+    keys = set()
+    for row in held_out:
+        match = re.search(r"(\d+) ([-+*]) (\d+)", row["prompt"][0]["content"])
+        keys.add(f"{match.group(1)}{match.group(2)}{match.group(3)}")
+    return keys
+
+
+def generate_rl_prompts(seed: int = 555, n: int = 128, exclude: set[str] = frozenset()) -> list[dict]:
+    """Prompts with their `answer` for the online methods (GRPO/PPO); none of `exclude`."""
+    rng = random.Random(seed)
+    seen = set(exclude)
+    rows = []
+    while len(rows) < n:
+        p = make_problem(rng)
+        if problem_key(p) in seen:
+            continue
+        seen.add(problem_key(p))
+        rows.append({"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]})
+    return rows
+
+
+def exact_judge(prompts, completions_a, completions_b, answer, **columns) -> list[float]:
+    """An independent judge for win rates: P(a better than b) from exact answer checks — a right
+    answer in the `#### N` form beats anything else; the right number without the form beats a
+    wrong one; otherwise a tie (0.5). Never a learned model, so it cannot be gamed by training."""
+
+    def grade(completion, ans) -> int:
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        if check_answer(text, ans):
+            return 2
+        return 1 if re.search(rf"(?<!\d){re.escape(str(ans))}(?!\d)", text) else 0
+
+    out = []
+    for a, b, ans in zip(completions_a, completions_b, answer):
+        ga, gb = grade(a, ans), grade(b, ans)
+        out.append(1.0 if ga > gb else 0.0 if ga < gb else 0.5)
+    return out
+
+
 def write_files(out_dir: Path = DATA_DIR) -> None:
+    """The demo's bundled data: SFT conversations, held-out prompts, preference pairs and RL
+    prompts; no held-out problem appears in any training file."""
     train, held_out = generate()
+    held = _held_out_keys(held_out)
+    prefs = _preferences_excluding(held)
+    rl = generate_rl_prompts(exclude=held)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("sft_train.jsonl", train), ("eval_prompts.jsonl", held_out)):
+    for name, rows in (("sft_train.jsonl", train), ("eval_prompts.jsonl", held_out), ("preferences.jsonl", prefs),
+                       ("rl_prompts.jsonl", rl)):
         with (out_dir / name).open("w") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
 
 
-if __name__ == "__main__":
-    write_files()
-    print(f"wrote {DATA_DIR}")
+def _preferences_excluding(held: set[str], n: int = 256) -> list[dict]:
+    rows, _ = generate_preferences(seed=4321, n_train=n + len(held), n_eval=0)
+    return [r for r in rows if _held_out_keys([r]).isdisjoint(held)][:n]
+
 
 
 def rejected_text(problem: dict, rng: random.Random) -> str:
@@ -128,3 +180,8 @@ def generate_unpaired(seed: int = 987, n_train: int = 256, n_eval: int = 64) -> 
         return out
 
     return unpair(train), unpair(held_out)
+
+
+if __name__ == "__main__":
+    write_files()
+    print(f"wrote {DATA_DIR}")

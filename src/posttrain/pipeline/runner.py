@@ -38,7 +38,7 @@ STAGE_FILE = "stage.json"
 PIPELINE_FILE = "pipeline.json"
 READ_LABELS = {"model_name_or_path": "model", "ref_model_name_or_path": "ref", "reward_model_path": "reward_model",
                "baseline": "baseline", "value_model_path": "value_model", "dataset_name": "data",
-               "eval_dataset_name": "eval_data", "reward_funcs": "rewards"}
+               "eval_dataset_name": "eval_data", "reward_funcs": "rewards", "judge": "judge"}
 
 
 @dataclass
