@@ -34,7 +34,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "mask-preview": "show which tokens of each example are trained",
     "report": "rebuild report.html of a run or pipeline directory from its metrics.jsonl",
     "pipeline": "run stages (sft → reward → ppo|grpo|dpo → eval) from one YAML; finished stages are cached",
-    "demo": "fine-tune the embedded SmolLM2-135M-Instruct on bundled data",
+    "demo": "the full RLHF pipeline on the embedded SmolLM2-135M-Instruct, before/after table (--quick: tiny model)",
 }
 
 
