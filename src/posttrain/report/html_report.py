@@ -90,21 +90,22 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def method_of(config: dict[str, Any]) -> str | None:
-    """The command whose config class has exactly these keys (config.yaml does not name it)."""
-    import importlib
+    """The method whose config class has exactly these keys (config.yaml does not name it); its
+    name is the last part of the class's default output_dir (runs/sft, runs/online-dpo, ...)."""
+    import dataclasses
 
-    from posttrain.cli import TRAIN_COMMANDS
-    from posttrain.config import field_names
+    from posttrain import config as configs
 
     if not config:
         return None
     found = []
-    module = importlib.import_module("posttrain.config")
-    for name, (_, class_name, _, _) in TRAIN_COMMANDS.items():
-        cls = getattr(module, class_name, None)
-        if cls is not None and set(field_names(cls)) == set(config):
-            found.append(name)
-    return " / ".join(found) or None
+    for cls in vars(configs).values():
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__name__.endswith("Config"):
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            default = fields["output_dir"].default if "output_dir" in fields else None
+            if isinstance(default, str) and set(fields) == set(config):
+                found.append(Path(default).name)
+    return " / ".join(sorted(found)) or None
 
 
 # ---------------------------------------------------------------------------- sections
