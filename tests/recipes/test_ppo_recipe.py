@@ -64,8 +64,8 @@ def test_pitfall_13_single_update_ratio_one_kl_zero(tmp_path, tokenizer, prompts
 
 
 def test_pitfall_13_first_minibatch_ratio_exactly_one(tmp_path, tokenizer, prompts, reward_model_dir, monkeypatch):
-    """Several epochs x mini-batches x accumulation: the first mini-batch's ratio is exactly 1 on
-    every completion token; later mini-batches (after an update) move."""
+    """Several epochs x mini-batches x accumulation, temperature 0.7: the first mini-batch's ratio
+    is exactly 1 on every completion token; later mini-batches (after an update) move."""
     import posttrain.losses.policy_gradient as pg
 
     real, seen = pg.clipped_policy_loss, []
@@ -77,7 +77,8 @@ def test_pitfall_13_first_minibatch_ratio_exactly_one(tmp_path, tokenizer, promp
 
     monkeypatch.setattr(pg, "clipped_policy_loss", recording)
     ppo(_cfg(tmp_path, "mb", reward_model_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-             num_mini_batches=2, num_ppo_epochs=2, num_generations=2), model=make_tiny_llama(), tokenizer=tokenizer,
+             num_mini_batches=2, num_ppo_epochs=2, num_generations=2, temperature=0.7), model=make_tiny_llama(),
+        tokenizer=tokenizer,
         dataset=prompts)
     assert len(seen) == 2 * 2 * 2  # epochs x mini-batches x micro-batches
     for ratio, n in seen[:2]:  # the first mini-batch = its two micro-batches

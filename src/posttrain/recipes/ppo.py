@@ -38,7 +38,6 @@ from posttrain.engine.batching import BatchPlan, total_steps
 from posttrain.engine.sequence_batches import batch_to_device
 from posttrain.engine.session import TrainingSession
 from posttrain.engine.setup import start_run
-from posttrain.recipes.grpo import _completion_batch
 
 
 @dataclass
@@ -68,6 +67,19 @@ class PPORollout:
 
 
 # ---------------------------------------------------------------- completion <-> sequence layout
+
+
+def _completion_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+    """Right-padded rows prompt + completion (ids as sampled); completion_mask marks the completion."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    completion = torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[i, : len(p) + len(c)] = 1
+        completion[i, len(p): len(p) + len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
 def _completion_positions(prompt_ids: list[list[int]], completion_ids: list[list[int]],
