@@ -117,7 +117,7 @@ def test_pitfall_17_loss_sees_the_sampled_ids(tmp_path, tokenizer, prompts, rewa
     assert sorted(trained) == sorted(sampled * 2)  # each completion once per PPO epoch
 
 
-def test_ppo_metrics_are_sane_and_saved_model_reloads(tmp_path, tokenizer, prompts, reward_model_dir):
+def test_pitfall_18_20_ppo_metrics_sane_and_saved_model_reloads(tmp_path, tokenizer, prompts, reward_model_dir):
     """pitfall 18/20: metrics in range over several updates; the saved policy's logits equal the
     live model's; the critic is saved under value_model/ as a one-output classifier."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
