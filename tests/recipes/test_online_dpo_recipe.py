@@ -80,6 +80,39 @@ def test_pitfall_10_first_step_policy_equals_reference(tmp_path, tokenizer, prom
         assert key in row
 
 
+def test_pitfall_10_lora_reference_is_the_adapter_disabled_policy(tmp_path, tokenizer, prompts):
+    """With --use_peft the reference is the policy with its adapter off (no copy): still ln 2 at
+    step 0, and after a step the adapter has moved the policy away from it (KL != 0)."""
+    result = online_dpo(_cfg(tmp_path, "lora", max_steps=2, use_peft=True, lora_r=4, learning_rate=1e-2),
+                        model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[id_sum])
+    first, second = _rows(result.output_dir)
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6) and first["objective/kl"] == 0.0
+    assert second["objective/kl"] != 0.0
+    assert (result.output_dir / "adapter_model.safetensors").exists()
+
+
+def test_pitfall_19_resume_is_bit_identical(tmp_path, tokenizer, prompts, monkeypatch):
+    """4 steps straight == 2 steps + interrupt + resume + 2 steps: the samples of a step depend on
+    the step number only, so the resumed run sees the same pairs and ends with the same weights."""
+    import posttrain.engine.session as session
+    from tests.recipes.test_sft_recipe import _StopAfterCheckpoint
+
+    kw = dict(max_steps=4, save_steps=2, max_grad_norm=1.0)
+    straight = online_dpo(_cfg(tmp_path, "straight", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
+                          dataset=prompts, reward_funcs=[id_sum])
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(session, "GracefulStop", lambda: _StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
+    first = online_dpo(_cfg(tmp_path, "interrupted", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
+                       dataset=prompts, reward_funcs=[id_sum])
+    assert first.stopped_early
+    monkeypatch.undo()
+    resumed = online_dpo(_cfg(tmp_path, "interrupted", resume_from_checkpoint="latest", **kw),
+                         model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[id_sum])
+    ws, wr = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+    assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in _rows(straight.output_dir)]
+
+
 def test_online_dpo_accumulation_invariance(tmp_path, tokenizer, prompts):
     """A step's prompts are sampled at once and the loss is a mean over the step's pairs, so
     8 pairs per micro-batch == 4 x 2 accumulation (same samples, loss and gradients)."""

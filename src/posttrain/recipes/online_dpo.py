@@ -72,6 +72,30 @@ def rank_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return base + 1 - first_wins, base + first_wins, first == second
 
 
+def _pair_batch(prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]],
+                pad_id: int) -> dict:
+    """b pairs as 2b rows [chosen_0 … chosen_{b-1}, rejected_0 …]: the completions right-padded
+    (2b, T) with `completion_mask`, and the b prompts once each, left-padded (`prefix_*`;
+    `prefix_index` = [0 … b-1, 0 … b-1]), so a pair's prompt is run once for both completions
+    (LogProbModel's SharedPrefix)."""
+    b = len(prompt_ids)
+    width = max(len(p) for p in prompt_ids)
+    prefix_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros_like(prefix_ids)
+    for i, p in enumerate(prompt_ids):
+        prefix_ids[i, width - len(p):] = torch.tensor(p)
+        prefix_mask[i, width - len(p):] = 1
+    rows = list(chosen_ids) + list(rejected_ids)
+    length = max(len(c) for c in rows)
+    input_ids = torch.full((2 * b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, c in enumerate(rows):
+        input_ids[i, : len(c)] = torch.tensor(c)  # the ids exactly as sampled (pitfall 17)
+        attention[i, : len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": attention.clone(),
+            "prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "prefix_index": torch.arange(b).repeat(2)}
+
+
 def _check_config(config: OnlineDPOConfig) -> None:
     if config.num_generations != 2:
         raise ConfigError(f"num_generations: online DPO samples exactly 2 completions per prompt, got "
@@ -100,10 +124,9 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     from posttrain.losses.preference import get_preference_loss
     from posttrain.losses.reductions import masked_sum
     from posttrain.models.loading import load_causal_lm
-    from posttrain.models.logprobs import LogProbModel
+    from posttrain.models.logprobs import LogProbModel, SharedPrefix
     from posttrain.models.reference import ReferencePolicy, build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
-    from posttrain.recipes.grpo import _completion_batch
     from posttrain.rollout.generation import make_backend
     from posttrain.rollout.prompts import prepare_prompts
     from posttrain.rollout.rewards import load_reward_functions, reward_inputs, score_completions
@@ -181,10 +204,11 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
                   for name, values in scored.per_fn.items()}
         micro_batches = []
         for start in range(0, len(examples), pairs_per_micro):
-            rows = torch.cat([chosen[start:start + pairs_per_micro], rejected[start:start + pairs_per_micro]]).tolist()
-            batch = _completion_batch([rollout.prompt_ids[r] for r in rows], [rollout.completion_ids[r] for r in rows],
-                                      tokenizer.pad_token_id)
-            batch["pair_weights"] = (~tied[start:start + pairs_per_micro]).float()  # a tie teaches nothing
+            sl = slice(start, start + pairs_per_micro)
+            batch = _pair_batch([rollout.prompt_ids[r] for r in chosen[sl].tolist()],
+                                [rollout.completion_ids[r] for r in chosen[sl].tolist()],
+                                [rollout.completion_ids[r] for r in rejected[sl].tolist()], tokenizer.pad_token_id)
+            batch["pair_weights"] = (~tied[sl]).float()  # a tie teaches nothing
             micro_batches.append(batch_to_device(batch, device))
         return StepPairs(micro_batches, sums, per_fn)
 
@@ -200,9 +224,10 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
                     "rewards/margins": 0.0, "rewards/accuracies": 0.0, "logps/chosen": 0.0, "logps/rejected": 0.0}
             step_tokens = 0
             for k, batch in enumerate(batches):
-                mask = batch["completion_mask"][:, 1:]
+                mask = batch["completion_mask"]  # (2b, T): entry t scores completion token t
                 kwargs = {"attention_mask": batch["attention_mask"], "target_mask": mask,
-                          "temperature": config.temperature}
+                          "temperature": config.temperature,
+                          "prefix": SharedPrefix(batch["prefix_ids"], batch["prefix_mask"], batch["prefix_index"])}
                 with torch.no_grad(), accelerator.autocast():
                     ref_sums = masked_sum(reference.token_logps(run.unwrapped(), batch["input_ids"], **kwargs), mask, -1)
                 with run.sync(k, len(batches)):
@@ -229,7 +254,8 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
                                                       + 0.5 * (chosen_r == rejected_r).float()) * weights).sum())
                 sums["logps/chosen"] += float((detached[:b] * weights).sum())
                 sums["logps/rejected"] += float((detached[b:] * weights).sum())
-                step_tokens += int(batch["attention_mask"].sum())
+                # tokens in the trained sequences, prompt included (each prompt is computed once)
+                step_tokens += int(batch["attention_mask"].sum() + 2 * batch["prefix_mask"].sum())
             n_completions = 2 * n_all_pairs
             metrics = {}
             for key, value in sums.items():
