@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sft.py
 	$(BIN)/python benchmarks/bench_dpo.py
 	$(BIN)/python benchmarks/bench_reward.py
+	$(BIN)/python benchmarks/bench_grpo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
