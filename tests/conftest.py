@@ -27,6 +27,25 @@ def tokenizer(_tokenizer_session):
     return _tokenizer_session
 
 
+class StopAfterCheckpoint:
+    """Stands in for engine.session.GracefulStop: 'signals' once a given checkpoint exists (a
+    deterministic kill, for exact-resume tests)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+        self.signal_name = "SIGTERM"
+
+    @property
+    def requested(self) -> bool:
+        return self.marker.exists()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def make_tiny_llama(vocab_size: int = 49152, seed: int = 0, hidden_size: int = 32, layers: int = 2):
     """A tiny random Llama with SmolLM2's vocabulary, so the real tokenizer drives it."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain import GRPOConfig, grpo
 from posttrain.demo.tasks import generate
 from posttrain.errors import PosttrainError
-from tests.conftest import make_tiny_llama
+from tests.conftest import StopAfterCheckpoint, make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +66,30 @@ def test_grpo_accumulation_invariance(tmp_path, tokenizer, prompts):
         assert x["reward"] == y["reward"]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-8)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_pitfall_19_resume_between_iterations_is_bit_identical(tmp_path, tokenizer, prompts, monkeypatch):
+    """--num_iterations 2: stopped after step 1 (the rollout's first pass), resumed, the second pass
+    reuses the SAME rollout from the checkpoint (not a fresh one sampled by the updated weights):
+    3 steps straight == 1 + interrupt + resume + 2, weights and logged rows bit for bit."""
+    import posttrain.engine.session as session
+
+    kw = dict(max_steps=3, save_steps=1, num_iterations=2, beta=0.1)
+    straight = grpo(_cfg(tmp_path, "straight", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
+                    dataset=prompts, reward_funcs=[shorter_is_better])
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(session, "GracefulStop", lambda: StopAfterCheckpoint(out / "checkpoints" / "step-000001"))
+    first = grpo(_cfg(tmp_path, "interrupted", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
+                 dataset=prompts, reward_funcs=[shorter_is_better])
+    assert first.stopped_early and (out / "checkpoints" / "step-000001" / "extra_tensors_0.pt").exists()
+    monkeypatch.undo()
+    resumed = grpo(_cfg(tmp_path, "interrupted", resume_from_checkpoint="latest", **kw), model=make_tiny_llama(),
+                   tokenizer=tokenizer, dataset=prompts, reward_funcs=[shorter_is_better])
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    drop = ("elapsed_seconds", "tokens_per_second")
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in _rows(out)]
+    assert rows == [{k: v for k, v in r.items() if k not in drop} for r in _rows(straight.output_dir)]
 
 
 def test_pitfall_16_masked_truncated_completions_leave_the_loss(tmp_path, tokenizer, prompts):

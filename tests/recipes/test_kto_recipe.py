@@ -68,8 +68,9 @@ def test_kto_accumulation_invariance(tmp_path, tokenizer, rows):
     b = kto(_cfg(tmp_path, "b4x2", max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2),
             model=make_tiny_llama(), tokenizer=tokenizer, dataset=train)
     for x, y in zip(_train_rows(a.output_dir), _train_rows(b.output_dir), strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
-        assert x["kl"] == pytest.approx(y["kl"], rel=1e-6, abs=1e-7)
+        # after step 1 the weights differ by fp32 summation order (8 rows vs 4 + 4), ~1e-6 relative
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["kl"] == pytest.approx(y["kl"], rel=1e-5, abs=1e-7)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
 
 

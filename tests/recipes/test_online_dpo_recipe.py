@@ -17,7 +17,7 @@ from posttrain import OnlineDPOConfig, online_dpo
 from posttrain.config import ConfigError
 from posttrain.demo.tasks import generate
 from posttrain.recipes.online_dpo import rank_pairs
-from tests.conftest import make_tiny_llama
+from tests.conftest import StopAfterCheckpoint, make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,13 +95,12 @@ def test_pitfall_19_resume_is_bit_identical(tmp_path, tokenizer, prompts, monkey
     """4 steps straight == 2 steps + interrupt + resume + 2 steps: the samples of a step depend on
     the step number only, so the resumed run sees the same pairs and ends with the same weights."""
     import posttrain.engine.session as session
-    from tests.recipes.test_sft_recipe import _StopAfterCheckpoint
 
     kw = dict(max_steps=4, save_steps=2, max_grad_norm=1.0)
     straight = online_dpo(_cfg(tmp_path, "straight", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
                           dataset=prompts, reward_funcs=[id_sum])
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(session, "GracefulStop", lambda: _StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
+    monkeypatch.setattr(session, "GracefulStop", lambda: StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
     first = online_dpo(_cfg(tmp_path, "interrupted", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
                        dataset=prompts, reward_funcs=[id_sum])
     assert first.stopped_early

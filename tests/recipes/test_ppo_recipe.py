@@ -15,7 +15,7 @@ import torch
 
 from posttrain import PPOConfig, ppo
 from posttrain.demo.tasks import generate
-from tests.conftest import make_tiny_llama
+from tests.conftest import StopAfterCheckpoint, make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -156,22 +156,6 @@ def test_ppo_value_head_on_policy_with_lora(tmp_path, tokenizer, prompts, reward
     assert (result.output_dir / "value_model" / "value_head.safetensors").exists()
 
 
-class _StopAfterCheckpoint:
-    def __init__(self, marker: Path):
-        self.marker = marker
-        self.signal_name = "SIGTERM"
-
-    @property
-    def requested(self) -> bool:
-        return self.marker.exists()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
 def test_pitfall_19_ppo_resume_is_bit_identical(tmp_path, tokenizer, prompts, reward_model_dir, monkeypatch):
     """2 iterations straight == 1 + interrupt + resume + 1: policy and critic bit for bit."""
     kw = dict(max_steps=2, save_steps=1, num_ppo_epochs=2, per_device_train_batch_size=2)
@@ -180,7 +164,7 @@ def test_pitfall_19_ppo_resume_is_bit_identical(tmp_path, tokenizer, prompts, re
     out = tmp_path / "interrupted"
     import posttrain.engine.session as session
 
-    monkeypatch.setattr(session, "GracefulStop", lambda: _StopAfterCheckpoint(out / "checkpoints" / "step-000001"))
+    monkeypatch.setattr(session, "GracefulStop", lambda: StopAfterCheckpoint(out / "checkpoints" / "step-000001"))
     first = ppo(_cfg(tmp_path, "interrupted", reward_model_dir, **kw), model=make_tiny_llama(), tokenizer=tokenizer,
                 dataset=prompts)
     assert first.stopped_early and not (out / "model.safetensors").exists()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from posttrain import SFTConfig, sft
 from posttrain.demo.tasks import generate
 from posttrain.errors import NonFiniteLossError
-from tests.conftest import make_tiny_llama
+from tests.conftest import StopAfterCheckpoint, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -101,24 +101,6 @@ def test_pitfall_08_packed_equals_unpacked(tmp_path, tokenizer, chat_rows):
     assert mp["mean_token_accuracy"] == pytest.approx(mq["mean_token_accuracy"])
 
 
-class _StopAfterCheckpoint:
-    """Stands in for GracefulStop: 'signals' once a given checkpoint exists (a deterministic kill)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-        self.signal_name = "SIGTERM"
-
-    @property
-    def requested(self) -> bool:
-        return self.marker.exists()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
 def test_pitfall_19_resume_is_bit_identical(tmp_path, tokenizer, chat_rows, monkeypatch):
     """4 steps straight == 2 steps + interrupt + resume + 2 steps, bit for bit on CPU."""
     kw = dict(max_steps=4, save_steps=2, per_device_train_batch_size=4, max_grad_norm=1.0, warmup_steps=1)
@@ -128,7 +110,7 @@ def test_pitfall_19_resume_is_bit_identical(tmp_path, tokenizer, chat_rows, monk
     out = tmp_path / "interrupted"
     import posttrain.engine.session as session
 
-    monkeypatch.setattr(session, "GracefulStop", lambda: _StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
+    monkeypatch.setattr(session, "GracefulStop", lambda: StopAfterCheckpoint(out / "checkpoints" / "step-000002"))
     first = sft(_config(tmp_path, "interrupted", **kw), model=make_tiny_llama(), tokenizer=tokenizer,
                 dataset=chat_rows)
     assert first.stopped_early and not (out / "model.safetensors").exists()

@@ -2,7 +2,8 @@
 
 A checkpoint is accelerate's saved state (model weights as safetensors, optimizer, scheduler and
 every process's RNG states) plus `trainer_state.json` (the step — which fixes the data position,
-see batching.py — token count, elapsed time). It is written into a temporary directory and renamed
+see batching.py — token count, elapsed time), and, when a recipe keeps some, per-process tensors
+(`extra_tensors_<rank>.pt`, e.g. a GRPO rollout reused by later --num_iterations passes). It is written into a temporary directory and renamed
 into place, so a crash mid-write never leaves a checkpoint that looks complete; a failed run keeps
 its last good one.
 """
@@ -15,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from posttrain.errors import CheckpointError
 
@@ -52,9 +55,16 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
     return path
 
 
+def _tensors_file(path: Path, process_index: int) -> Path:
+    return path / f"extra_tensors_{process_index}.pt"
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
-                    save_total_limit: int | None = None) -> Path:
-    """Save the full training state for `step` atomically; returns the checkpoint dir."""
+                    save_total_limit: int | None = None, tensors: dict[str, Any] | None = None) -> Path:
+    """Save the full training state for `step` atomically; returns the checkpoint dir.
+
+    `tensors`: this process's recipe tensors that must survive a resume (nested dicts/lists of
+    tensors and numbers), one file per process, inside the same atomic rename."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -63,6 +73,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if tensors:
+        torch.save(tensors, _tensors_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
@@ -84,6 +96,14 @@ def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read {STATE_FILE}: {exc}") from None
     accelerator.load_state(str(path))
     return state
+
+
+def load_checkpoint_tensors(accelerator, path: Path) -> dict[str, Any]:
+    """This process's `tensors` saved with the checkpoint at `path` (on CPU), or {} when none were."""
+    file = _tensors_file(path, accelerator.process_index)
+    if not file.exists():
+        return {}
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def remove_stale_temporaries(output_dir: str | Path) -> None:

@@ -27,6 +27,7 @@ import torch
 from posttrain.config import TrainingConfig, config_to_dict
 from posttrain.engine.checkpoint import (
     load_checkpoint,
+    load_checkpoint_tensors,
     remove_stale_temporaries,
     resolve_resume_path,
     save_checkpoint,
@@ -58,6 +59,9 @@ class TrainingSession:
         self.start_step, self.num_tokens, elapsed = 0, 0, 0.0
         # Recipe state that must survive a resume (e.g. BCO's running reward mean); JSON-able values.
         self.extra_state: dict = {}
+        # Recipe tensors that must survive a resume, per process (e.g. GRPO's rollout between its
+        # --num_iterations passes); saved only when non-empty.
+        self.extra_tensors: dict = {}
         if accelerator.is_main_process:
             remove_stale_temporaries(self.output_dir)
         self.resumed_from = resolve_resume_path(config.resume_from_checkpoint, self.output_dir)
@@ -65,6 +69,7 @@ class TrainingSession:
             state = load_checkpoint(accelerator, self.resumed_from)
             self.start_step, self.num_tokens, elapsed = state["step"], state["num_tokens"], state["elapsed_seconds"]
             self.extra_state = state.get("extra", {})
+            self.extra_tensors = load_checkpoint_tensors(accelerator, self.resumed_from)
             accelerator.print(f"resumed from {self.resumed_from} at step {self.start_step}")
         self.last_checkpoint: Path | None = self.resumed_from
         self.timer = StepTimer(elapsed)
@@ -160,7 +165,7 @@ class TrainingSession:
             self.last_checkpoint = save_checkpoint(
                 self.accelerator, self.output_dir, done,
                 {"num_tokens": self.num_tokens, "elapsed_seconds": self.timer.elapsed, "extra": self.extra_state},
-                save_total_limit=cfg.save_total_limit)
+                save_total_limit=cfg.save_total_limit, tensors=self.extra_tensors)
         if self._stop.requested:
             self.accelerator.print(f"{self._stop.signal_name}: stopped after step {done}; checkpoint saved at "
                                    f"{self.last_checkpoint}. Resume with --resume_from_checkpoint latest")

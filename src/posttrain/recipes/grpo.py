@@ -28,6 +28,7 @@ from posttrain.engine.batching import BatchPlan, total_steps
 from posttrain.engine.sequence_batches import batch_to_device
 from posttrain.engine.session import TrainingSession
 from posttrain.engine.setup import start_run
+from posttrain.errors import CheckpointError
 
 
 @dataclass
@@ -46,6 +47,15 @@ class StepRollouts:
 
     micro_batches: list[dict]  # per micro-batch: input_ids, attention_mask, completion_mask, advantages, ...
     metrics: dict[str, float]
+
+
+def _restored_rollouts(extra_tensors: dict, step: int, num_iterations: int, device) -> StepRollouts:
+    """The rollout a checkpoint saved mid-way through its --num_iterations passes."""
+    saved = extra_tensors.get("rollout")
+    if saved is None:
+        raise CheckpointError(f"resuming at step {step}, inside a rollout's {num_iterations} passes "
+                              "(--num_iterations), but the checkpoint holds no rollout")
+    return StepRollouts([batch_to_device(b, device) for b in saved["micro_batches"]], dict(saved["metrics"]))
 
 
 def _group_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
@@ -227,8 +237,14 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     with TrainingSession(accelerator, config, policy, total_steps=steps,
                          steps_per_epoch=plan.steps_per_epoch * config.num_iterations) as run:
         for step in run.steps():
-            if current is None or step % config.num_iterations == 0:
+            if current is None and step % config.num_iterations != 0:
+                # resumed between two passes over one rollout: the checkpoint carries it
+                current = _restored_rollouts(run.extra_tensors, step, config.num_iterations, device)
+            elif current is None or step % config.num_iterations == 0:
                 current = collect(run, step)
+                if config.num_iterations > 1:  # later passes reuse it, so a checkpoint must too
+                    run.extra_tensors["rollout"] = {"micro_batches": current.micro_batches,
+                                                    "metrics": current.metrics}
             batches = current.micro_batches
             # global normalisers, over every micro-batch of the step on every process
             n_tokens = run.global_sum(sum(float(b["completion_mask"].sum()) for b in batches))
