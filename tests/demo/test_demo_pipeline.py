@@ -17,7 +17,7 @@ from posttrain.pipeline import load_pipeline
 def test_demo_pipeline_resolves_to_the_rlhf_stages(tmp_path):
     p = load_pipeline(yaml.safe_load(PIPELINE_FILE.read_text()), base_dir=DEMO_DIR, output_dir=tmp_path)
     assert [(s.name, s.command) for s in p.stages] == [
-        ("sft", "sft"), ("reward", "reward"), ("grpo", "grpo"), ("grpo_eval", "eval"), ("dpo", "dpo"),
+        ("sft", "sft"), ("reward", "reward"), ("sft_eval", "eval"), ("grpo", "grpo"), ("grpo_eval", "eval"), ("dpo", "dpo"),
         ("dpo_eval", "eval")]
     grpo, grpo_eval = p.stage("grpo"), p.stage("grpo_eval")
     assert grpo.references == {"model_name_or_path": "sft", "reward_model_path": "reward"}
