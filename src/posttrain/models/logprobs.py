@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.kv_cache import cache_kwargs, output_cache
+
 # Attention backends whose transformers integration turns position_ids that restart at 0 into
 # per-example attention when attention_mask is None (masking_utils.find_packed_sequence_indices
 # for sdpa/eager/flex; position_ids -> cu_seqlens for flash attention).
@@ -357,12 +359,12 @@ class LogProbModel(nn.Module):
             return out.last_hidden_state[:, s - 1 : s - 1 + input_ids.shape[1]]
         first = backbone(input_ids=prefix.input_ids, attention_mask=p_mask, position_ids=p_positions, use_cache=True,
                          return_dict=True)
-        cache = first.past_key_values
+        cache = output_cache(first)
         cache.batch_select_indices(prefix.index)  # each row gets its prompt's keys/values (differentiable)
         positions = p_mask.sum(-1).index_select(0, prefix.index)[:, None] + torch.arange(
             input_ids.shape[1], device=input_ids.device)
-        rest = backbone(input_ids=input_ids, attention_mask=row_mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, return_dict=True)
+        rest = backbone(input_ids=input_ids, attention_mask=row_mask, position_ids=positions, use_cache=True,
+                        return_dict=True, **cache_kwargs(backbone, cache))
         last_prompt = first.last_hidden_state[:, -1:].index_select(0, prefix.index)
         return torch.cat([last_prompt, rest.last_hidden_state[:, :-1]], dim=1)
 

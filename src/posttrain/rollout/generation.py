@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.errors import PosttrainError
+from posttrain.models.kv_cache import cache_kwargs, output_cache
 
 
 class GenerationBackendError(PosttrainError):
@@ -294,7 +295,7 @@ class HFGenerationBackend:
 
         # One prefill per prompt; its cache and last logits are repeated for the group's G rows.
         out = self._forward(input_ids, attention_mask, position_ids, cache=None, last_only=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         if cache is None:
             raise TypeError(f"{type(self.model).__name__} returned no KV cache; the hf backend needs use_cache support")
         logits = out.logits[:, -1, :]
@@ -340,7 +341,7 @@ class HFGenerationBackend:
                 attention_mask, next_position = attention_mask[keep], next_position[keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
             out = self._forward(sampled[:, None], attention_mask, next_position, cache=cache, last_only=False)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            cache, logits = output_cache(out), out.logits[:, -1, :]
             next_position = next_position + 1
 
         tokens, logps, lengths, finished = tokens.tolist(), logps.cpu().tolist(), lengths.tolist(), finished.tolist()
@@ -357,7 +358,7 @@ class HFGenerationBackend:
     def _forward(self, input_ids, attention_mask, position_ids, *, cache, last_only: bool):
         kwargs = {"logits_to_keep": 1} if last_only and self._takes_logits_to_keep() else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, **kwargs)
+                          use_cache=True, **cache_kwargs(self.model, cache), **kwargs)
 
     def _takes_logits_to_keep(self) -> bool:
         """transformers' causal LMs can skip the vocabulary projection of all but the last prompt
