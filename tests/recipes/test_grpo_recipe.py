@@ -64,7 +64,8 @@ def test_grpo_accumulation_invariance(tmp_path, tokenizer, prompts):
              model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[shorter_is_better])
     for x, y in zip(_rows(a.output_dir), _rows(b.output_dir), strict=True):
         assert x["reward"] == y["reward"]
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-8)
+        # equal-length completions make the first-pass loss -mean(A) = 0 up to fp32 noise (~1e-8)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 

@@ -322,8 +322,9 @@ class HFGenerationBackend:
             step_logps = torch.log_softmax(scores, dim=-1)
             if temperature > 0:
                 # exponential race (argmax p / E, E ~ Exp(1)) == a draw from p; the noise is drawn for
-                # every original row, so a row's sample does not depend on which others have stopped
-                noise = torch.empty((rows, scores.shape[-1]), device=device).exponential_()[live]
+                # every original row, so a row's sample does not depend on which others have stopped.
+                # -log U is Exp(1) and ~6x cheaper on CPU than Tensor.exponential_ (not vectorised).
+                noise = torch.rand((rows, scores.shape[-1]), device=device).log_().neg_()[live]
                 sampled = (step_logps.exp() / noise).argmax(dim=-1)
             else:
                 sampled = scores.argmax(dim=-1)
