@@ -270,6 +270,11 @@ def test_logprob_model_fallback_for_wrapped_head():
     out = wrapped(ids, attention_mask=mask, with_entropy=True, with_accuracy=True)
     ref = _naive_model_logps(model, ids, mask)
     torch.testing.assert_close(out["logps"][valid], ref[valid], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        z = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        naive_entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(out["entropy"][valid], naive_entropy[valid], rtol=1e-5, atol=1e-5)
+    assert (out["entropy"][valid] > 0).all()
     out["logps"][valid].sum().backward()
     head_lora = [p for n, p in model.named_parameters() if "lm_head" in n and "lora" in n]
     assert head_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_lora)

@@ -58,7 +58,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
                 # H = -sum_v p_v log p_v on the shifted log-probs (lse - sum p z cancels badly
                 # when H is small); in place, the logits are not needed any more
                 logps = logits.sub_(chunk_lse[:, None])
-                entropy[s:e] = -(logps.exp() * logps).sum(-1).clamp(max=0)
+                entropy[s:e] = (-(logps.exp() * logps).sum(-1)).clamp(min=0)  # H >= 0 (rounding)
             del logits
         logp = torch.where(valid, logp, torch.zeros((), dtype=cdtype, device=logp.device))
         if with_accuracy:
@@ -192,7 +192,7 @@ def _head_logprobs(head: nn.Module, scale: float, softcap: float | None, tempera
         lp = logps.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
         lp = torch.where(t >= 0, lp, torch.zeros_like(lp))
         with torch.no_grad():
-            ent = -(logps.exp() * logps).sum(-1).clamp(min=0) if with_entropy else None
+            ent = (-(logps.exp() * logps).sum(-1)).clamp(min=0) if with_entropy else None  # H >= 0 (rounding)
             cor = (z.argmax(-1) == t) if with_accuracy else None
         return lp, ent, cor
 
