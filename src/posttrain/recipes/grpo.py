@@ -114,8 +114,6 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     """The group-sampling loop shared by GRPO (`method="grpo"`: group-normalised advantages, KL
     as a per-token loss term) and RLOO (`method="rloo"`: KL folded into the reward with k1,
     leave-one-out baseline)."""
-    from posttrain.data.formats import describe_format, detect_format
-    from posttrain.data.in_memory import as_loaded_rows
     from posttrain.losses.advantages import group_advantages, rloo_advantages
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import aggregate_policy_loss, clipped_policy_loss
@@ -125,8 +123,8 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     from posttrain.models.reference import build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
     from posttrain.rollout.generation import make_backend
-    from posttrain.rollout.prompts import prepare_prompts
-    from posttrain.rollout.rewards import load_reward_functions, reward_inputs, score_completions
+    from posttrain.rollout.prompts import load_prompts
+    from posttrain.rollout.rewards import reward_functions_for, reward_inputs, score_completions
 
     prompts_per_process, micro_size = _sampler_step(config)
     if config.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo"):
@@ -136,18 +134,8 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     device = accelerator.device
 
     tokenizer = resolve_tokenizer(config, tokenizer)
-    loaded = as_loaded_rows(dataset, config.dataset_name, config.dataset_split, config.dataset_config)
-    fmt = detect_format(loaded.rows, loaded.source)
-    log(f"data: {loaded.source}: {len(loaded.rows)} rows, format {describe_format(fmt)}")
-    prompts = prepare_prompts(loaded, fmt, tokenizer, max_prompt_length=config.max_prompt_length,
-                              truncation_mode=config.truncation_mode)
-    fns = list(reward_funcs or []) + load_reward_functions(config.reward_funcs,
-                                                           reward_model_path=config.reward_model_path)
-    if not fns:
-        raise ValueError("no reward function: pass --reward_funcs module:function (or a built-in: accuracy, "
-                         "format, length_penalty) and/or --reward_model_path")
-    if config.reward_weights is not None and len(config.reward_weights) != len(fns):
-        raise ValueError(f"--reward_weights has {len(config.reward_weights)} values for {len(fns)} reward functions")
+    prompts = load_prompts(config, dataset, tokenizer, log)
+    fns = reward_functions_for(config, reward_funcs)
 
     model = prepare_model_for_training(config, model, log)
     policy = LogProbModel(model, chunk_size=config.logprob_chunk_size)

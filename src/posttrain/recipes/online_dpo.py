@@ -119,8 +119,6 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     ranked by `reward_funcs` (callables `fn(prompts, completions, **columns) -> list[float]`) plus
     those named in config.reward_funcs / config.reward_model_path. `ref_model` overrides the
     reference (separate weights); default: the starting policy (LoRA: the adapter disabled)."""
-    from posttrain.data.formats import describe_format, detect_format
-    from posttrain.data.in_memory import as_loaded_rows
     from posttrain.losses.preference import get_preference_loss
     from posttrain.losses.reductions import masked_sum
     from posttrain.models.loading import load_causal_lm
@@ -128,8 +126,8 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     from posttrain.models.reference import ReferencePolicy, build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
     from posttrain.rollout.generation import make_backend
-    from posttrain.rollout.prompts import prepare_prompts
-    from posttrain.rollout.rewards import load_reward_functions, reward_inputs, score_completions
+    from posttrain.rollout.prompts import load_prompts
+    from posttrain.rollout.rewards import reward_functions_for, reward_inputs, score_completions
 
     _check_config(config)
     loss_fn = get_preference_loss(config.loss_type)
@@ -138,18 +136,8 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     device = accelerator.device
 
     tokenizer = resolve_tokenizer(config, tokenizer)
-    loaded = as_loaded_rows(dataset, config.dataset_name, config.dataset_split, config.dataset_config)
-    fmt = detect_format(loaded.rows, loaded.source)
-    log(f"data: {loaded.source}: {len(loaded.rows)} rows, format {describe_format(fmt)}")
-    prompts = prepare_prompts(loaded, fmt, tokenizer, max_prompt_length=config.max_prompt_length,
-                              truncation_mode=config.truncation_mode)
-    fns = list(reward_funcs or []) + load_reward_functions(config.reward_funcs,
-                                                           reward_model_path=config.reward_model_path)
-    if not fns:
-        raise ConfigError("no reward function: pass --reward_funcs module:function (or a built-in: accuracy, "
-                          "format, length_penalty) and/or --reward_model_path")
-    if config.reward_weights is not None and len(config.reward_weights) != len(fns):
-        raise ConfigError(f"--reward_weights has {len(config.reward_weights)} values for {len(fns)} reward functions")
+    prompts = load_prompts(config, dataset, tokenizer, log)
+    fns = reward_functions_for(config, reward_funcs)
 
     model = prepare_model_for_training(config, model, log)
     policy = LogProbModel(model, chunk_size=config.logprob_chunk_size)

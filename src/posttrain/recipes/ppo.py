@@ -163,8 +163,6 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
     """Train `model` (default: config.model_name_or_path) with PPO on the prompts of `dataset`
     (default: config.dataset_name), scored by config.reward_model_path and/or reward functions
     (callables `fn(prompts, completions, **columns) -> list[float]`, plus config.reward_funcs)."""
-    from posttrain.data.formats import describe_format, detect_format
-    from posttrain.data.in_memory import as_loaded_rows
     from posttrain.losses.advantages import gae, kl_penalized_rewards, whiten
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import clipped_policy_loss, explained_variance, value_loss
@@ -181,8 +179,8 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
         value_head_for,
     )
     from posttrain.rollout.generation import make_backend
-    from posttrain.rollout.prompts import prepare_prompts
-    from posttrain.rollout.rewards import load_reward_functions, reward_inputs, score_completions
+    from posttrain.rollout.prompts import load_prompts
+    from posttrain.rollout.rewards import reward_functions_for, reward_inputs, score_completions
 
     prompts_per_process, mini_size = _check(config)
     micro_size = config.per_device_train_batch_size
@@ -192,18 +190,8 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
 
     # ---- prompts and rewards
     tokenizer = resolve_tokenizer(config, tokenizer)
-    loaded = as_loaded_rows(dataset, config.dataset_name, config.dataset_split, config.dataset_config)
-    fmt = detect_format(loaded.rows, loaded.source)
-    log(f"data: {loaded.source}: {len(loaded.rows)} rows, format {describe_format(fmt)}")
-    prompts = prepare_prompts(loaded, fmt, tokenizer, max_prompt_length=config.max_prompt_length,
-                              truncation_mode=config.truncation_mode)
-    fns = list(reward_funcs or []) + load_reward_functions(config.reward_funcs,
-                                                           reward_model_path=config.reward_model_path)
-    if not fns:
-        raise ValueError("no reward: pass --reward_model_path RM_DIR (a `posttrain reward` output) and/or "
-                         "--reward_funcs module:function")
-    if config.reward_weights is not None and len(config.reward_weights) != len(fns):
-        raise ValueError(f"--reward_weights has {len(config.reward_weights)} values for {len(fns)} reward functions")
+    prompts = load_prompts(config, dataset, tokenizer, log)
+    fns = reward_functions_for(config, reward_funcs)
 
     # ---- policy, critic, reference
     critic = None if config.value_head_on_policy else load_value_model(config, policy_model=model,

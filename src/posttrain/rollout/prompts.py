@@ -122,3 +122,17 @@ def prepare_prompts(
     if late:
         raise DataValidationError(late)
     return examples
+
+
+def load_prompts(config, dataset, tokenizer, log) -> list[PromptExample]:
+    """An online method's prompts: `dataset` (rows or a datasets.Dataset) or ``config.dataset_name``,
+    format detected and logged, every row validated, tokenised (``config.max_prompt_length``,
+    ``config.truncation_mode``)."""
+    from posttrain.data.formats import describe_format, detect_format
+    from posttrain.data.in_memory import as_loaded_rows
+
+    loaded = as_loaded_rows(dataset, config.dataset_name, config.dataset_split, config.dataset_config)
+    fmt = detect_format(loaded.rows, loaded.source)
+    log(f"data: {loaded.source}: {len(loaded.rows)} rows, format {describe_format(fmt)}")
+    return prepare_prompts(loaded, fmt, tokenizer, max_prompt_length=config.max_prompt_length,
+                           truncation_mode=config.truncation_mode)

@@ -280,6 +280,20 @@ def load_reward_functions(specs: list[str], *, reward_model_path: str | None = N
     return fns
 
 
+
+def reward_functions_for(config, passed: list | None) -> list[RewardFunction]:
+    """A run's reward functions, in weight order: those passed from Python, then
+    ``config.reward_funcs``, then ``config.reward_model_path``; one ``config.reward_weights`` each."""
+    from posttrain.config import ConfigError
+
+    fns = list(passed or []) + load_reward_functions(config.reward_funcs, reward_model_path=config.reward_model_path)
+    if not fns:
+        raise ConfigError("no reward function: pass --reward_funcs module:function (or a built-in: accuracy, "
+                          "format, length_penalty) and/or --reward_model_path RM_DIR (a `posttrain reward` output)")
+    if config.reward_weights is not None and len(config.reward_weights) != len(fns):
+        raise ConfigError(f"--reward_weights has {len(config.reward_weights)} values for {len(fns)} reward functions")
+    return fns
+
 # ---------------------------------------------------------------------------- scoring
 
 
