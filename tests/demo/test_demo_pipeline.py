@@ -68,7 +68,7 @@ def test_demo_quick_runs_every_stage_and_prints_the_table(tmp_path, capsys):
     assert "start (before training)" in out and "sft → grpo" in out and "sft → dpo" in out
     assert f"report: {tmp_path / 'demo' / 'report.html'}" in out
     record = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
-    assert [r["name"] for r in record["rows"]] == ["start (before training)", "sft → grpo", "sft → dpo"]
+    assert [r["name"] for r in record["rows"]] == ["start (before training)", "sft", "sft → grpo", "sft → dpo"]
     assert all(r["kl"] is not None for r in record["rows"][1:])
     # a second run finds everything cached
     assert main(["--quick", "--output_dir", str(tmp_path / "demo")]) == 0

@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_sft_embedded_default_model_trains_saves_and_generates(tmp_path):
     out = tmp_path / "smol"
+    args = [sys.executable, "-m", "posttrain.cli", "sft", "--dataset_name", DATA_DIR / "sft_train.jsonl",
+            "--output_dir", out, "--max_steps", 4, "--per_device_train_batch_size", 4, "--learning_rate", 5e-5,
+            "--logging_steps", 1, "--packing", "--max_length", 256, "--disable_tqdm"]
     proc = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "sft", "--dataset_name", DATA_DIR / "sft_train.jsonl",
-         "--output_dir", out, "--max_steps", 4, "--per_device_train_batch_size", 4, "--learning_rate", 5e-5,
-         "--logging_steps", 1, "--packing", "--max_length", 256, "--disable_tqdm"],
+        [str(a) for a in args],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
