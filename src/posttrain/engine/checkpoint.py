@@ -3,9 +3,9 @@
 A checkpoint is accelerate's saved state (model weights as safetensors, optimizer, scheduler and
 every process's RNG states) plus `trainer_state.json` (the step — which fixes the data position,
 see batching.py — token count, elapsed time), and, when a recipe keeps some, per-process tensors
-(`extra_tensors_<rank>.pt`, e.g. a GRPO rollout reused by later --num_iterations passes). It is written into a temporary directory and renamed
-into place, so a crash mid-write never leaves a checkpoint that looks complete; a failed run keeps
-its last good one.
+(`extra_tensors_<rank>.pt`, e.g. a GRPO rollout reused by later --num_iterations passes). It is
+written into a temporary directory and renamed into place, so a crash mid-write never leaves a
+checkpoint that looks complete; a failed run keeps its last good one.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ the old name warns on every call and is removed in 5.40, while 4.x only knows th
 
 from __future__ import annotations
 
+import functools
 import inspect
-from functools import cache
 from typing import Any
 
 import torch
 
 
-@cache
+@functools.cache
 def _cache_kwarg_for(forward_owner: type) -> str:
     params = inspect.signature(forward_owner.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
