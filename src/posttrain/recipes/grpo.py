@@ -270,6 +270,8 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
             if reference is None or method == "rloo":
                 metrics.pop("kl")
             metrics.update(current.metrics)
+            if (step + 1) % config.num_iterations == 0:
+                run.extra_tensors.pop("rollout", None)  # its last pass: a checkpoint here need not carry it
             stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
             backend.sync_weights(run.unwrapped().model)  # the sampler uses the updated weights (pitfall 15)
             if stop:
