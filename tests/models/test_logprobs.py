@@ -256,7 +256,7 @@ def test_pitfall_11_bf16_logprobs_match_fp32():
     assert (lp16 - lp32)[valid].abs().mean() < 0.05
 
 
-def test_logprob_model_fallback_for_wrapped_head():
+def test_pitfall_18_fallback_head_logps_and_entropy_match_naive():
     """A LoRA-wrapped lm_head is not a plain nn.Linear: the checkpointed per-chunk fallback must
     still equal the naive log-softmax of the peft model's logits, and train the head's LoRA."""
     from peft import LoraConfig, get_peft_model

@@ -234,7 +234,7 @@ def test_batch_size_splits_calls_but_keeps_indices(tokenizer):
     assert_logps_match(model, r)
 
 
-def test_after_optimizer_step_rollouts_use_new_weights(tokenizer):
+def test_pitfall_15_after_optimizer_step_rollouts_use_new_weights(tokenizer):
     """Pitfall 15 for the HF backend: after a step, the generator's log-probs equal the trainer's
     with the new weights (and differ from the old weights')."""
     model = sharp_llama()
