@@ -34,12 +34,13 @@ browser: $(STAMP)
 test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
+# SFT, DPO, GRPO vs TRL in fp32 and bf16 autocast, with MFU (benchmarks/README.md); then reward (fp32).
+# e.g. make bench BENCH_ARGS="--configs fp32,bf16,bf16+ckpt" or BENCH_ARGS="--quick --wait_quiet 0"
+BENCH_ARGS ?=
 bench: $(STAMP)
 	bash benchmarks/setup_bench_env.sh
-	$(BIN)/python benchmarks/bench_sft.py
-	$(BIN)/python benchmarks/bench_dpo.py
+	$(BIN)/python benchmarks/bench_all.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_reward.py
-	$(BIN)/python benchmarks/bench_grpo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -12,10 +12,11 @@
 5. checks that both tools tokenised the pairs the same way, prints everything side by side with
    the ratios and the targets, and writes benchmarks/results/dpo.json.
 
-Both sides: the embedded SmolLM2-135M-Instruct in fp32 on CPU, sigmoid loss, beta 0.1, the same
+Both sides: the embedded SmolLM2-135M-Instruct on CPU with fp32 weights, in the same precision
+(--precision fp32, or bf16 autocast) and gradient checkpointing setting, sigmoid loss, beta 0.1, the same
 lr / batch / steps / seed / max_length, linear decay without warmup, AdamW, clipping at 1.0,
 no eval, no checkpoints, the reference a separate frozen copy of the model. TRL's own defaults
-bf16=True and gradient_checkpointing=True are overridden (fp32, off) as in the SFT benchmark.
+bf16=True and gradient_checkpointing=True are set explicitly to the row's settings, as in the SFT benchmark.
 
 Peak memory is measured the same way for every side: each runs in its own child process and its
 peak RSS is read from os.wait4 on that child (the kernel's ru_maxrss, which covers the child and
@@ -40,13 +41,21 @@ sys.path.insert(0, str(HERE))
 from harness import (  # noqa: E402
     BENCH_PYTHON,
     CONTENTION,
+    add_precision_args,
     default_model_dir,
     fmt,
     fmtx,
+    machine_peak,
     median,
+    mfu,
+    model_flops,
+    model_params,
+    precision_label,
+    print_peak,
     print_tables,
     record_process,
     result_header,
+    results_path,
     run_side_quietly,
     verdict,
     warn_contention,
@@ -134,7 +143,9 @@ def main() -> int:
     ap.add_argument("--bench_python", default=BENCH_PYTHON,
                     help="python of the venv that has TRL")
     ap.add_argument("--data_dir", default=str(HERE / ".data"))
-    ap.add_argument("--results", default=str(HERE / "results" / "dpo.json"))
+    ap.add_argument("--results", default=None,
+                    help="default: results/dpo.json (fp32), results/dpo-bf16[-ckpt].json, ...")
+    add_precision_args(ap)
     ap.add_argument("--wait_quiet", type=float, default=300,
                     help="seconds to wait, before each side, for other processes to leave the CPUs idle")
     ap.add_argument("--attempts", type=int, default=3,
@@ -148,15 +159,18 @@ def main() -> int:
     if bad:
         ap.error(f"--only: unknown side(s) {bad}; choose from {SIDES}")
     plan = [s for s in SIDES if s in plan]  # fixed order
+    peak = machine_peak(args.peak_json)
+    print_peak(peak)
     data_path = write_pairs(Path(args.data_dir) / "dpo.jsonl", args.pairs, args.data_seed)
     args.model_dir = default_model_dir(args.model_dir)
+    n_params = model_params(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     common = [
         "--data", str(data_path), "--model_dir", args.model_dir,
         "--steps", str(args.steps), "--batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate), "--beta", str(args.beta), "--loss_type", "sigmoid",
-        "--max_length", str(args.max_length), "--seed", str(args.seed),
-    ]
+        "--max_length", str(args.max_length), "--seed", str(args.seed), "--precision", args.precision,
+    ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
 
     sides: dict[str, dict] = {}
     trl_dump = work / "trl_tokens.json"
@@ -190,6 +204,10 @@ def main() -> int:
         res["steady_tokens_per_second"] = (res.get("steady") or {}).get("tokens_per_second")
         res["median_step_seconds"] = median(st.get("step_seconds") or None for st in res.get("per_step", []))
         res["first_loss_minus_ln2"] = None if res.get("first_loss") is None else res["first_loss"] - LN2
+        # policy forward + backward on every input token; the reference forward too unless precomputed
+        tokens = res.get("num_tokens") or 0
+        res["model_flops"] = model_flops(n_params, tokens, 0 if side.endswith("_precompute") else tokens)
+        res["mfu"] = mfu(res["model_flops"], res.get("train_seconds"), peak, args.precision)
         sides[side] = record_process(res, run)
 
     token_check = None
@@ -223,6 +241,7 @@ def main() -> int:
         ("median step seconds", "median_step_seconds", ".2f"),
         ("tokens / s, steps 2..N", "steady_tokens_per_second", ".1f"),
         ("peak RSS (GiB)", "peak_rss_gib", ".2f"),
+        (f"MFU = (6N + 2N ref) x tokens / s / {args.precision} peak", "mfu", ".1%"),
         ("step-0 loss (first step, logged)", "first_loss", ".6f"),
         ("step-0 loss - ln 2", "first_loss_minus_ln2", "+.1e"),
         ("last loss", "last_loss", ".4f"),
@@ -233,7 +252,7 @@ def main() -> int:
         ("cores used by other processes (contention)", "other_cores_busy_during", ".2f"),
     ]
     no_ratio = {"reference", "steps", "pairs", "first_loss", "first_loss_minus_ln2", "last_loss", "mean_loss",
-                "other_cores_busy_during", "precompute_seconds", "num_padded_tokens"}
+                "other_cores_busy_during", "precompute_seconds", "num_padded_tokens", "mfu"}
     compared = [s for s in plan if s != "trl"]
     header = ["", LABELS["trl"]]
     for s in compared:
@@ -277,16 +296,20 @@ def main() -> int:
                         f"{token_check['identical_but_trl_trailing_newline']}/{token_check['pairs_trl']} pairs",
                         verdict(same)))
 
-    title = (f"DPO benchmark - SmolLM2-135M-Instruct fp32, CPU x{os.cpu_count()}, {args.steps} steps x "
+    title = (f"DPO benchmark - SmolLM2-135M-Instruct, {precision_label(args.precision, args.gradient_checkpointing)} "
+             f"on both, CPU x{os.cpu_count()}, {args.steps} steps x "
              f"{args.batch_size} pairs, sigmoid beta {args.beta}, lr {args.learning_rate}, seed {args.seed}, "
              f"max_length {args.max_length}")
     print_tables(title, header, table, targets, width=160)
     warn_contention(sides.values())
 
     result = {
-        **result_header("dpo", command=True),
+        **result_header("dpo", command=True, peak=peak),
         "config": {
-            "model_dir": args.model_dir, "dtype": "float32", "steps": args.steps,
+            "model_dir": args.model_dir, "dtype": "float32", "precision": args.precision, "steps": args.steps,
+            "n_params": n_params,
+            "mfu_formula": "(6 * n_params * policy tokens + 2 * n_params * reference tokens) / train seconds / peak"
+                           " (reference tokens 0 with precompute: that pass is outside the train seconds)",
             "pairs_per_step": args.batch_size, "gradient_accumulation_steps": 1,
             "learning_rate": args.learning_rate, "lr_scheduler": "linear, no warmup", "seed": args.seed,
             "loss_type": "sigmoid", "beta": args.beta, "max_length": args.max_length,
@@ -294,7 +317,7 @@ def main() -> int:
             "reference": "separate frozen copy of the starting model (both tools' default without LoRA)",
             "padding": {"trl": "right-padded batch of 2B rows",
                         "posttrain": "padding-free" if args.posttrain_padding_free else "right-padded batch of 2B rows"},
-            "gradient_checkpointing": False, "bf16": False,
+            "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.precision == "bf16",
             "data": f"posttrain.demo.tasks.generate_preferences(seed={args.data_seed}, n_train={args.pairs}, n_eval=0)",
         },
         "sides": sides,
@@ -302,8 +325,9 @@ def main() -> int:
         "targets": {"steps_per_second_ratio_min": TARGET_SPEEDUP, "peak_rss_ratio_max": TARGET_MEMORY,
                     "step0_loss": LN2, "step0_loss_tolerance": LOSS0_TOLERANCE, "per_side": verdicts},
     }
-    results_path = write_results(args.results, result)
-    print(f"\nresults: {results_path}\nlogs: {work}/*.log")
+    results_file = write_results(args.results or results_path("dpo", args.precision, args.gradient_checkpointing),
+                                 result)
+    print(f"\nresults: {results_file}\nlogs: {work}/*.log")
     if not args.keep_outputs:
         for side in plan:
             shutil.rmtree(work / f"{side}-run", ignore_errors=True)

@@ -12,10 +12,11 @@
 3. prints completions/s, completion tokens/s, peak RSS and mean reward for both with the ratios
    and the target, and writes benchmarks/results/grpo.json.
 
-Both sides: the embedded SmolLM2-135M-Instruct in fp32 on CPU, the reward function of
+Both sides: the embedded SmolLM2-135M-Instruct with fp32 weights on CPU, in the same precision
+(--precision fp32 or bf16 autocast) and gradient checkpointing setting, the reward function of
 benchmarks/grpo_reward.py, the same group size, completion length, temperature, prompts per step,
 steps, lr, beta (0: no reference model), loss_type dapo, group-scaled rewards, one iteration per
-rollout, one step's completions generated at once, no gradient checkpointing, no bf16, no vLLM.
+rollout, one step's completions generated at once, no vLLM.
 Peak RSS, the quiet-machine wait and the contention figure come from harness.py.
 """
 
@@ -34,13 +35,21 @@ sys.path.insert(0, str(HERE))
 
 from harness import (  # noqa: E402
     BENCH_PYTHON,
+    add_precision_args,
     default_model_dir,
     fmt,
     fmtx,
+    machine_peak,
     median,
+    mfu,
+    model_flops,
+    model_params,
+    precision_label,
+    print_peak,
     print_tables,
     record_process,
     result_header,
+    results_path,
     run_side,
     verdict,
     warn_contention,
@@ -103,19 +112,26 @@ def main() -> int:
     ap.add_argument("--model_dir", default=None, help="default: posttrain's embedded SmolLM2-135M-Instruct")
     ap.add_argument("--bench_python", default=BENCH_PYTHON)
     ap.add_argument("--data_dir", default=str(HERE / ".data"))
-    ap.add_argument("--results", default=str(HERE / "results" / "grpo.json"))
+    ap.add_argument("--results", default=None,
+                    help="default: results/grpo.json (fp32), results/grpo-bf16[-ckpt].json, ...")
+    add_precision_args(ap)
     ap.add_argument("--wait_quiet", type=float, default=300)
     ap.add_argument("--keep_outputs", action="store_true")
     args = ap.parse_args()
 
+    peak = machine_peak(args.peak_json)
+    print_peak(peak)
     data_path = write_prompts(Path(args.data_dir) / "grpo.jsonl", args.prompts, args.data_seed)
     args.model_dir = default_model_dir(args.model_dir)
+    n_params = model_params(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     common = ["--data", str(data_path), "--model_dir", args.model_dir, "--steps", str(args.steps),
               "--prompts_per_step", str(args.prompts_per_step), "--num_generations", str(args.num_generations),
               "--max_completion_length", str(args.max_completion_length), "--temperature", str(args.temperature),
               "--learning_rate", str(args.learning_rate), "--beta", str(args.beta), "--loss_type", args.loss_type,
-              "--scale_rewards", args.scale_rewards, "--seed", str(args.seed)]
+              "--scale_rewards", args.scale_rewards, "--seed", str(args.seed), "--precision", args.precision]
+    if args.gradient_checkpointing:
+        common.append("--gradient_checkpointing")
     plan = []
     if args.only in (None, "trl"):
         if not Path(args.bench_python).exists():
@@ -134,7 +150,13 @@ def main() -> int:
                            work / f"{tag}.log", args.wait_quiet)
             if run["rc"] != 0:
                 return run["rc"]
-            runs.setdefault(name, []).append(summarise(record_process(json.loads(out_json.read_text()), run)))
+            res = summarise(record_process(json.loads(out_json.read_text()), run))
+            # each completion token: generated (forward, 2N) and trained (6N); prompt tokens not counted
+            res["model_flops"] = model_flops(n_params, res["completion_tokens"], res["completion_tokens"])
+            res["mfu"] = mfu(res["model_flops"], res["train_seconds"], peak, args.precision)
+            res["mfu_training_only"] = mfu(model_flops(n_params, res["completion_tokens"]), res["train_seconds"],
+                                           peak, args.precision)
+            runs.setdefault(name, []).append(res)
             if not args.keep_outputs:
                 shutil.rmtree(work / f"{tag}-run", ignore_errors=True)
     sides = {name: min(rs, key=lambda r: r["train_seconds"]) for name, rs in runs.items()}
@@ -152,6 +174,8 @@ def main() -> int:
             ("median step seconds", "median_step_seconds", ".2f", True),
             ("fastest step seconds", "fastest_step_seconds", ".2f", True),
             ("peak RSS (GiB)", "peak_rss_gib", ".2f", True),
+            (f"MFU = (2N gen + 6N train) x completion tokens / s / {args.precision} peak", "mfu", ".1%", False),
+            ("  of which training (6N)", "mfu_training_only", ".1%", False),
             ("mean reward over the steps", "mean_reward", ".3f", False),
             ("process wall seconds (incl. load/save)", "wall_seconds_with_startup", ".1f", True),
             ("cores used by other processes", "other_cores_busy_during", ".2f", False)]
@@ -170,7 +194,8 @@ def main() -> int:
                ("peak RSS (no target; for the record)", fmtx(mem), ""),
                ("mean reward (different samples; no target)",
                 f"{fmt(t and t.get('mean_reward'), '.3f')} vs {fmt(p and p.get('mean_reward'), '.3f')}", "")]
-    title = (f"GRPO benchmark - SmolLM2-135M-Instruct fp32, CPU x{os.cpu_count()}, {args.steps} steps x "
+    title = (f"GRPO benchmark - SmolLM2-135M-Instruct, {precision_label(args.precision, args.gradient_checkpointing)} "
+             f"on both, CPU x{os.cpu_count()}, {args.steps} steps x "
              f"{args.prompts_per_step} prompts x G={args.num_generations}, max_completion_length "
              f"{args.max_completion_length}, temperature {args.temperature}, beta {args.beta}, {args.loss_type}, "
              f"lr {args.learning_rate}, seed {args.seed}")
@@ -178,15 +203,19 @@ def main() -> int:
     warn_contention(sides.values())
 
     result = {
-        **result_header("grpo", command=True),
-        "config": {"model_dir": args.model_dir, "dtype": "float32", "steps": args.steps,
+        **result_header("grpo", command=True, peak=peak),
+        "config": {"model_dir": args.model_dir, "dtype": "float32", "precision": args.precision, "steps": args.steps,
+                   "n_params": n_params,
+                   "mfu_formula": "(2 * n_params (generation) + 6 * n_params (training)) * completion tokens "
+                                  "/ train seconds / peak; prompt tokens not counted (a lower bound)",
                    "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
                    "completions_per_step": args.prompts_per_step * args.num_generations,
                    "max_completion_length": args.max_completion_length, "temperature": args.temperature,
                    "top_p": 1.0, "top_k": 0, "learning_rate": args.learning_rate, "lr_scheduler": "linear, no warmup",
                    "beta": args.beta, "loss_type": args.loss_type, "scale_rewards": args.scale_rewards,
                    "num_iterations": 1, "epsilon": 0.2, "gradient_accumulation_steps": 1,
-                   "gradient_checkpointing": False, "bf16": False, "vllm": False, "seed": args.seed,
+                   "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.precision == "bf16",
+                   "vllm": False, "seed": args.seed,
                    "reward": "benchmarks/grpo_reward.py:arithmetic_reward",
                    "data": f"posttrain.demo.tasks.generate(seed={args.data_seed}, n_train=0, n_eval={args.prompts})",
                    "repeats": args.repeats},
@@ -197,8 +226,9 @@ def main() -> int:
         "targets": {"completions_per_second_ratio_min": TARGET_SPEEDUP, "speed_met": speed_ok},
         "table": {"header": header, "rows": table},
     }
-    results_path = write_results(args.results, result)
-    print(f"\nresults: {results_path}\nlogs: {work}/*.log")
+    results_file = write_results(args.results or results_path("grpo", args.precision, args.gradient_checkpointing),
+                                 result)
+    print(f"\nresults: {results_file}\nlogs: {work}/*.log")
     return 0
 
 

@@ -31,11 +31,19 @@ sys.path.insert(0, str(HERE))
 import workload  # noqa: E402
 from harness import (  # noqa: E402
     BENCH_PYTHON,
+    add_precision_args,
     default_model_dir,
     fmt,
+    machine_peak,
+    mfu,
+    model_flops,
+    model_params,
+    precision_label,
+    print_peak,
     print_tables,
     record_process,
     result_header,
+    results_path,
     run_side,
     verdict,
     warn_contention,
@@ -57,14 +65,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--rows", type=int, default=workload.DEFAULT_ROWS, help="rows in the generated dataset")
     ap.add_argument("--data_seed", type=int, default=workload.DEFAULT_SEED)
-    ap.add_argument("--gradient_checkpointing", action="store_true",
-                    help="turn it on for both sides (TRL's own default is on; off here on both)")
+    add_precision_args(ap)
     ap.add_argument("--only", choices=["trl", "posttrain"], help="run one side only")
     ap.add_argument("--model_dir", default=None, help="default: posttrain's embedded SmolLM2-135M-Instruct")
     ap.add_argument("--bench_python", default=BENCH_PYTHON,
                     help="python of the venv that has TRL")
     ap.add_argument("--data_dir", default=str(HERE / ".data"))
-    ap.add_argument("--results", default=str(HERE / "results" / "sft.json"))
+    ap.add_argument("--results", default=None,
+                    help="default: results/sft.json (fp32), results/sft-bf16[-ckpt].json, ...")
     ap.add_argument("--wait_quiet", type=float, default=300,
                     help="seconds to wait, before each side, for other processes to leave the CPUs idle")
     ap.add_argument("--skip_loss_check", action="store_true",
@@ -72,15 +80,18 @@ def main() -> int:
     ap.add_argument("--keep_outputs", action="store_true", help="keep both runs' output dirs")
     args = ap.parse_args()
 
+    peak = machine_peak(args.peak_json)
+    print_peak(peak)
     data_dir = Path(args.data_dir)
     data_path = workload.write_jsonl(data_dir / "sft.jsonl", rows=args.rows, seed=args.data_seed)
     args.model_dir = default_model_dir(args.model_dir)
+    n_params = model_params(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     common = [
         "--data", str(data_path), "--model_dir", args.model_dir,
         "--steps", str(args.steps), "--max_length", str(args.max_length),
         "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), "--precision", args.precision,
     ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
 
     sides: dict[str, dict] = {}
@@ -103,6 +114,8 @@ def main() -> int:
         res = json.loads(out_json.read_text())
         losses = [st["loss"] for st in res.get("per_step", []) if st.get("loss") is not None]
         res["mean_loss"] = sum(losses) / len(losses) if losses else None
+        res["model_flops"] = model_flops(n_params, res.get("num_tokens") or 0)  # every input token trained
+        res["mfu"] = mfu(res["model_flops"], res.get("train_seconds"), peak, args.precision)
         sides[side] = record_process(res, run)
 
     t, p = sides.get("trl"), sides.get("posttrain")
@@ -147,6 +160,7 @@ def main() -> int:
         ("tokens / s", "tokens_per_second", ".1f"),
         ("tokens / s, steps 2..N", "steady_tokens_per_second", ".1f"),
         ("peak RSS (GiB)", "peak_rss_gib", ".2f"),
+        (f"MFU = 6N x tokens / s / {args.precision} peak", "mfu", ".1%"),
         ("first loss (step 1, as logged)", "first_loss", ".4f"),
         ("step-1 loss recomputed on the same batch", "first_loss_reference", ".4f"),
         ("last loss", "last_loss", ".4f"),
@@ -155,14 +169,15 @@ def main() -> int:
         ("process CPU seconds (incl. load/save)", "process_cpu_seconds", ".1f"),
         ("cores used by other processes (contention)", "other_cores_busy_during", ".2f"),
     ]
-    title = (f"SFT benchmark - SmolLM2-135M-Instruct fp32, CPU x{os.cpu_count()}, {args.steps} steps, "
-             f"batch {args.batch_size} x packed {args.max_length}, lr {args.learning_rate}, seed {args.seed}"
-             f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    title = (f"SFT benchmark - SmolLM2-135M-Instruct ({n_params / 1e6:.1f}M), "
+             f"{precision_label(args.precision, args.gradient_checkpointing)} on both, CPU x{os.cpu_count()}, "
+             f"{args.steps} steps, batch {args.batch_size} x packed {args.max_length}, lr {args.learning_rate}, "
+             f"seed {args.seed}")
     header = ("", "TRL SFTTrainer", "posttrain sft", "posttrain / TRL")
     table = []
     for label, key, spec in rows:
         r = ratio(key) if key not in ("steps", "first_loss", "first_loss_reference", "last_loss", "mean_loss",
-                                          "other_cores_busy_during") else None
+                                          "other_cores_busy_during", "mfu") else None
         table.append([label, fmt(t.get(key) if t else None, spec), fmt(p.get(key) if p else None, spec),
                       fmt(r, ".2f") + ("x" if r is not None else "")])
 
@@ -186,9 +201,10 @@ def main() -> int:
     warn_contention([t, p])
 
     result = {
-        **result_header("sft"),
+        **result_header("sft", command=True, peak=peak),
         "config": {
-            "model_dir": args.model_dir, "dtype": "float32", "steps": args.steps, "max_length": args.max_length,
+            "model_dir": args.model_dir, "dtype": "float32", "precision": args.precision,
+            "n_params": n_params, "mfu_formula": "6 * n_params * input tokens / train seconds / peak", "steps": args.steps, "max_length": args.max_length,
             "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
             "learning_rate": args.learning_rate, "lr_scheduler": "linear, no warmup", "seed": args.seed,
             "packing": "bfd, padding-free", "loss": "full sequence (messages, no assistant-only mask)",
@@ -204,8 +220,9 @@ def main() -> int:
                     "speed_met": None if speedup is None else speedup >= TARGET_SPEEDUP,
                     "memory_met": None if mem_ratio is None else mem_ratio <= TARGET_MEMORY},
     }
-    results_path = write_results(args.results, result)
-    print(f"\nresults: {results_path}\nlogs: {work}/*.log")
+    results_file = write_results(args.results or results_path("sft", args.precision, args.gradient_checkpointing),
+                                 result)
+    print(f"\nresults: {results_file}\nlogs: {work}/*.log")
     if not args.keep_outputs:
         for side in plan:
             shutil.rmtree(work / f"{side}-run", ignore_errors=True)

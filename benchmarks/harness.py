@@ -13,6 +13,9 @@ Orchestrator side
     print_tables        the side-by-side table (+ targets table), with rich when it is installed
     warn_contention     the "timings are not reliable" line
     result_header, write_results   benchmarks/results/<name>.json with date, commit, machine
+    machine_peak        the measured torch matmul GFLOP/s in fp32 and bf16 + the CPU's bf16 capability
+                        (measured once per bench run, printed at the top, saved in every results file)
+    precision_label, model_params, model_flops, mfu    MFU = model FLOPs/s / peak of the precision used
 
 Runner side
     run_cli             run a `posttrain ...` command as a user would, peak RSS from wait4 on it,
@@ -235,14 +238,17 @@ def git_commit() -> str | None:
         return None
 
 
-def result_header(benchmark: str, command: bool = False) -> dict:
-    """The first keys of every results/*.json: what, when, at which commit, on which machine."""
+def result_header(benchmark: str, command: bool = False, peak: dict | None = None) -> dict:
+    """The first keys of every results/*.json: what, when, at which commit, on which machine (and
+    its measured matmul peak, `machine_peak`)."""
     head = {"benchmark": benchmark,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit()}
     if command:
         head["command"] = " ".join([".venv/bin/python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     head["machine"] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if peak is not None:
+        head["matmul_peak"] = peak
     return head
 
 
@@ -260,6 +266,156 @@ def default_model_dir(model_dir: str | None) -> str:
     from posttrain.models.default_model import default_model_dir as _default
 
     return str(_default())
+
+
+# ---------------------------------------------------------------------------- matmul peak and MFU
+
+PRECISIONS = ("fp32", "bf16")  # bf16 = bf16 autocast of forward/backward, fp32 master weights on both tools
+# (m, k, n, layout): "nt" = x (m,k) @ w.T with w stored (n,k), nn.Linear's forward; "nn" = a @ b, the
+# layout of the input gradient. One MLP matmul of SmolLM2-135M at 1024 tokens in both layouts, then
+# squares. The layouts differ: without native bf16, torch's fallback bf16 gemm is several times
+# faster in "nt" than in "nn". A shape whose estimated time exceeds the budget is skipped (without
+# native bf16 a 2048^3 bf16 matmul can take minutes on a small CPU).
+PEAK_SHAPES = ((1024, 576, 1536, "nt"), (1024, 576, 1536, "nn"), (1024, 1024, 1024, "nn"),
+               (2048, 2048, 2048, "nn"))
+
+
+def cpu_bf16_capability() -> dict:
+    """What this CPU offers for bf16: torch's dispatch level and the /proc/cpuinfo flags that matter
+    (AMX-BF16 and AVX512-BF16 multiply bf16 natively; without them bf16 matmuls convert in software)."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        mkldnn_bf16 = None
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")},
+            "mkldnn_bf16_supported": mkldnn_bf16}
+
+
+def _time_matmul(m: int, k: int, n: int, layout: str, dtype, budget_s: float) -> dict:
+    """GFLOP/s of one (m,k) x (k,n) matmul: best and median of a few timed calls after a warm one."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = w.T if layout == "nt" else w.T.contiguous()
+
+    t0 = time.perf_counter()
+    a @ b  # warm: allocator, oneDNN primitive creation
+    first = time.perf_counter() - t0
+    times = [first] if first >= budget_s else []  # a slow kernel: its one-off set-up is negligible
+    for _ in range(0 if times else max(2, min(20, int(budget_s / max(first, 1e-6))))):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    flop = 2.0 * m * k * n
+    return {"shape": [m, k, n], "layout": layout, "repeats": len(times), "best_gflops": flop / min(times) / 1e9,
+            "median_gflops": flop / median(times) / 1e9}
+
+
+def measure_matmul_peak(budget_s: float = 1.5) -> dict:
+    """torch matmul GFLOP/s in fp32 and bf16 on this machine, at torch.get_num_threads() threads.
+    The peak of a precision is the best over PEAK_SHAPES (each timed for about `budget_s`)."""
+    import torch
+
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                 "capability": cpu_bf16_capability(), "shapes": {}}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        runs: list[dict] = []
+        for m, k, n, layout in PEAK_SHAPES:
+            if runs and 2.0 * m * k * n / (min(r["best_gflops"] for r in runs) * 1e9) > budget_s:
+                continue  # estimated over the budget
+            runs.append(_time_matmul(m, k, n, layout, dtype, budget_s))
+        out["shapes"][name] = runs
+        out[f"{name}_gflops"] = max(r["best_gflops"] for r in runs)
+    out["bf16_over_fp32"] = out["bf16_gflops"] / out["fp32_gflops"]
+    return out
+
+
+def machine_peak(path: str | Path | None = None) -> dict:
+    """The matmul peak, read from `path` when a bench_all.py run measured it already, else measured
+    now (and written to `path` when given), so one run of benchmarks uses one measurement."""
+    if path is not None and Path(path).exists():
+        return json.loads(Path(path).read_text())
+    peak = measure_matmul_peak()
+    peak["measured_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if path is not None:
+        write_results(path, peak)
+    return peak
+
+
+def describe_peak(peak: dict) -> str:
+    cap = peak["capability"]
+    native = [f for f in ("amx_bf16", "avx512_bf16") if cap.get(f)]
+    return (f"matmul peak ({peak['cpu']}, torch {peak['torch']}, {peak['threads']} threads; best of "
+            f"{' / '.join('x'.join(map(str, r['shape'])) + ' ' + r['layout'] for r in peak['shapes']['fp32'])}): fp32 {peak['fp32_gflops']:.1f} GFLOP/s, "
+            f"bf16 {peak['bf16_gflops']:.1f} GFLOP/s = {peak['bf16_over_fp32']:.2f}x fp32\n"
+            f"CPU bf16: torch capability {cap['torch_cpu_capability']}, "
+            f"{'native bf16 (' + ', '.join(native) + ')' if native else 'no amx_bf16 / avx512_bf16 (bf16 is converted in software)'}"
+            f", oneDNN bf16 {cap.get('mkldnn_bf16_supported')}")
+
+
+def print_peak(peak: dict) -> None:
+    print(describe_peak(peak), flush=True)
+
+
+def precision_label(precision: str, gradient_checkpointing: bool) -> str:
+    """The row label saying the matched settings: 'fp32', 'bf16 autocast', '+ grad ckpt'."""
+    label = "bf16 autocast (fp32 weights)" if precision == "bf16" else "fp32"
+    return label + (", gradient checkpointing" if gradient_checkpointing else ", no checkpointing")
+
+
+def model_params(model_dir: str) -> int:
+    """Parameters of the model (tied matrices once), built on the meta device: no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+def model_flops(n_params: int, trained_tokens: float, forward_only_tokens: float = 0.0) -> float:
+    """6 N per trained token (forward 2N + backward 4N) + 2 N per forward-only token (reference
+    model, generation). N counts every parameter once; with the embedding tied to the LM head (as
+    SmolLM2) that is the head matmul. Attention's T^2 terms are not counted (small at these lengths)."""
+    return 6.0 * n_params * trained_tokens + 2.0 * n_params * forward_only_tokens
+
+
+def results_path(benchmark: str, precision: str, gradient_checkpointing: bool) -> Path:
+    """results/<benchmark>.json for fp32 without checkpointing (the earlier files), else e.g.
+    results/sft-bf16-ckpt.json."""
+    tag = ("" if precision == "fp32" else f"-{precision}") + ("-ckpt" if gradient_checkpointing else "")
+    return HERE / "results" / f"{benchmark}{tag}.json"
+
+
+def add_precision_args(ap) -> None:
+    """--precision, --gradient_checkpointing and --peak_json, the same on every bench_*.py."""
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="both sides: fp32, or bf16 autocast of forward/backward (fp32 weights and AdamW state)")
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="turn it on for both sides (TRL's own default is on; off here unless given)")
+    ap.add_argument("--peak_json", default=None,
+                    help="read the matmul peak from this file (bench_all.py measures it once), else measure it")
+
+
+def mfu(flops: float | None, seconds: float | None, peak: dict, precision: str) -> float | None:
+    """Achieved model FLOPs/s over the measured matmul peak of the precision used."""
+    if not flops or not seconds:
+        return None
+    return flops / seconds / (peak[f"{precision}_gflops"] * 1e9)
 
 
 # ---------------------------------------------------------------------------- runner side

@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--max_prompt_length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast of forward/backward with fp32 weights and optimizer state")
     ap.add_argument("--padding_free", action="store_true")
     ap.add_argument("--precompute_ref_log_probs", action="store_true")
     ap.add_argument("--posttrain", default=str(Path(sys.executable).parent / "posttrain"),
@@ -65,7 +67,8 @@ def main() -> None:
         "--model_name_or_path", args.model_dir,
         "--dataset_name", args.data,
         "--output_dir", str(output_dir),
-        "--dtype", "float32",
+        "--dtype", "float32",  # fp32 master weights in both precisions
+        "--bf16", "true" if args.precision == "bf16" else "false",
         "--max_steps", str(args.steps),
         "--per_device_train_batch_size", str(args.batch_size),
         "--gradient_accumulation_steps", "1",
@@ -150,6 +153,7 @@ def main() -> None:
         "versions": {"posttrain": posttrain_version()},
         "command": cmd,
         "padding_free": args.padding_free,
+        "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing,
         "reference": "precomputed" if args.precompute_ref_log_probs else "separate copy",
         "precompute_ref_log_probs": args.precompute_ref_log_probs,

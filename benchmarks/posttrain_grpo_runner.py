@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--loss_type", default="dapo")
     ap.add_argument("--scale_rewards", default="group")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast of forward/backward with fp32 weights and optimizer state")
     ap.add_argument("--posttrain", default=str(Path(sys.executable).parent / "posttrain"))
     args = ap.parse_args()
 
@@ -46,7 +49,8 @@ def main() -> None:
         shutil.rmtree(output_dir)  # a fresh run, never a resume
     completions_per_step = args.prompts_per_step * args.num_generations
     cmd = [args.posttrain, "grpo", "--model_name_or_path", args.model_dir, "--dataset_name", args.data,
-           "--output_dir", str(output_dir), "--dtype", "float32", "--bf16", "false",
+           "--output_dir", str(output_dir), "--dtype", "float32",
+           "--bf16", "true" if args.precision == "bf16" else "false",
            "--reward_funcs", "grpo_reward:arithmetic_reward",
            "--max_steps", str(args.steps), "--per_device_train_batch_size", str(completions_per_step),
            "--gradient_accumulation_steps", "1", "--num_generations", str(args.num_generations),
@@ -57,6 +61,8 @@ def main() -> None:
            "--scale_rewards", args.scale_rewards, "--mask_truncated_completions", "false",
            "--seed", str(args.seed), "--logging_steps", "1", "--save_steps", "0", "--report_to", "none",
            "--disable_tqdm"]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient_checkpointing")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p))
     proc = run_cli(cmd, env=env)
     steps_log, summary = read_run(output_dir)
@@ -73,6 +79,8 @@ def main() -> None:
         "tool": "posttrain",
         "versions": {"posttrain": posttrain_version()},
         "command": cmd,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "steps": summary.get("steps", len(per_step)),
         "train_seconds": summary.get("train_seconds", prev_elapsed),
         "per_step": per_step,

@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--learning_rate", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast of forward/backward with fp32 weights and optimizer state")
     ap.add_argument("--loss_on", choices=["all", "completion"], default="all")
     ap.add_argument("--posttrain", default=str(Path(sys.executable).parent / "posttrain"),
                     help="the posttrain executable")
@@ -70,7 +72,8 @@ def main() -> None:
         "--model_name_or_path", args.model_dir,
         "--dataset_name", data,
         "--output_dir", str(output_dir),
-        "--dtype", "float32",
+        "--dtype", "float32",  # fp32 master weights in both precisions
+        "--bf16", "true" if args.precision == "bf16" else "false",
         "--max_steps", str(args.steps),
         "--per_device_train_batch_size", str(args.batch_size),
         "--gradient_accumulation_steps", "1",
@@ -135,6 +138,8 @@ def main() -> None:
         "tool": "posttrain",
         "versions": {"posttrain": posttrain_version()},
         "command": cmd,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "steps": steps,
         "train_seconds": train_seconds,
         "num_tokens": num_tokens,

@@ -46,6 +46,8 @@ def main() -> None:
                     help="ignored: TRL 1.x's DPOConfig has no max_prompt_length (recorded only)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast of forward/backward with fp32 weights and optimizer state")
     ap.add_argument("--precompute_ref_log_probs", action="store_true")
     ap.add_argument("--trl_defaults", action="store_true",
                     help="keep TRL's own bf16 / gradient_checkpointing defaults instead of fp32 / off")
@@ -72,7 +74,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
 
     precision = {} if args.trl_defaults else {
-        "bf16": False,  # TRL defaults to bf16=True: the benchmark is fp32 on both sides
+        "bf16": args.precision == "bf16",  # TRL's default True: set as posttrain's row (autocast, fp32 weights)
         "fp16": False,
         "gradient_checkpointing": args.gradient_checkpointing,  # TRL defaults to True
     }
@@ -177,6 +179,8 @@ def main() -> None:
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "bf16": config.bf16,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "precision": "bf16" if config.bf16 else "fp32",
+        "weights_dtype": str(next(model.parameters()).dtype),
         "padding_free": False,  # TRL 1.x's DPO: padded batches (its padding_free falls back to padding)
         "reference": ("precomputed" if args.precompute_ref_log_probs else
                       "separate copy" if ref_separate else "policy itself"),

@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--loss_type", default="dapo")
     ap.add_argument("--scale_rewards", default="group")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast of forward/backward with fp32 weights and optimizer state")
     ap.add_argument("--no_save", action="store_true")
     args = ap.parse_args()
 
@@ -88,9 +91,9 @@ def main() -> None:
         scale_rewards=args.scale_rewards,
         mask_truncated_completions=False,
         use_vllm=False,
-        bf16=False,  # TRL defaults to bf16=True: the benchmark is fp32 on both sides
+        bf16=args.precision == "bf16",  # TRL's default True: set as posttrain's row (autocast, fp32 weights)
         fp16=False,
-        gradient_checkpointing=False,  # TRL defaults to True
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL defaults to True: set as posttrain's row
         use_cpu=True,
         logging_steps=1,
         save_strategy="no",
@@ -130,6 +133,9 @@ def main() -> None:
             "beta", "loss_type", "scale_rewards", "num_iterations", "epsilon", "epsilon_high", "generation_batch_size",
             "steps_per_generation", "num_generations", "max_completion_length", "temperature", "top_p", "top_k",
             "bf16", "gradient_checkpointing", "use_vllm", "mask_truncated_completions", "importance_sampling_level")},
+        "precision": args.precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "weights_dtype": str(next(model.parameters()).dtype),
         "steps": steps,
         "train_seconds": train_seconds,
         "per_step": per_step,

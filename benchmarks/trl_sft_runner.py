@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--learning_rate", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast of forward/backward with fp32 weights and optimizer state")
     ap.add_argument("--loss_on", choices=["all", "completion"], default="all",
                     help="all: every token (full sequence); completion: prompt/completion data, completion only")
     ap.add_argument("--dump_first_batch", default=None, help="write the first batch's documents (token ids) here")
@@ -79,7 +81,7 @@ def main() -> None:
         completion_only_loss=(args.loss_on == "completion") if args.data_format == "prompt_completion" else None,
         assistant_only_loss=False,
         gradient_checkpointing=args.gradient_checkpointing,  # TRL defaults to True: set explicitly
-        bf16=False,  # TRL defaults to bf16=True: the benchmark is fp32 on both sides
+        bf16=args.precision == "bf16",  # TRL's default True: set as posttrain's row (autocast, fp32 weights)
         fp16=False,
         use_cpu=True,
         logging_steps=1,
@@ -165,6 +167,10 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "padding_free": padding_free,
+        "precision": args.precision,
+        "bf16": config.bf16,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "weights_dtype": str(next(model.parameters()).dtype),
         "packing_strategy": config.packing_strategy,
         "steps": steps,
         "train_seconds": train_seconds,

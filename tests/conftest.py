@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tests pin the precision they mean: --bf16 unset (auto) would be bf16 autocast on a CPU with
+# AMX/AVX512-BF16 or a bf16 GPU and fp32 elsewhere, so here auto means fp32 on every machine (also in
+# the CLI subprocesses, which inherit the environment). A test about bf16 sets --bf16 / bf16=True.
+os.environ["POSTTRAIN_AUTO_PRECISION"] = "fp32"
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,12 @@ class ModelConfig:
         None, "Hub id, local directory or .gguf file. Unset: the embedded SmolLM2-135M-Instruct.")
     model_revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use; default: the model's own.")
-    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a bf16 GPU), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "auto or float32: fp32 weights (--bf16 decides autocast). bfloat16/float16: fp32 master "
+                            "weights + autocast in that dtype (with --use_peft the frozen base is held in it); pure "
+                            "bf16 weights only with --low_precision_master_weights (docs/precision.md).")
+    low_precision_master_weights: bool = _f(
+        False, "With --dtype bfloat16: train the weights and AdamW state in pure bf16 (saves memory; updates below "
+               "~2^-8 of a weight round away, e.g. most at lr 1e-6). Off: fp32 master weights.")
     attn_implementation: str | None = _f(None, "Attention backend: sdpa, eager, flash_attention_2, ...")
     trust_remote_code: bool = _f(False, "Run code shipped with a hub model. Off unless given.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
@@ -43,6 +48,9 @@ class ModelConfig:
     lora_target_modules: list[str] | None = _f(
         None, "Module names to adapt (e.g. q_proj v_proj); default: all linear layers.")
     merge_adapter: bool = _f(False, "With --use_peft, also save the adapter merged into full weights in OUTPUT_DIR/merged.")
+    adapter_start: str = _f("continue", "When --model_name_or_path is a LoRA adapter dir: continue (train that adapter; "
+                                        "reference = it, frozen) or merge (fold it into the base, train a new LoRA).")
+    disable_dropout: bool = _f(True, "Set every dropout probability (attention, hidden, LoRA) to 0, as TRL.")
 
 
 @dataclass
@@ -111,8 +119,9 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 means --num_train_epochs decides.")
     num_train_epochs: float = _f(3.0, "Passes over the data when --max_steps is not set.")
-    bf16: bool | None = _f(None, "bf16 mixed precision; default: on where the hardware has it (CUDA).")
-    fp16: bool = _f(False, "fp16 mixed precision (CUDA only).")
+    bf16: bool | None = _f(None, "bf16 autocast of forward/backward, fp32 master weights; default (auto): on where "
+                                 "bf16 is fast (CUDA with bf16, CPU with AMX/AVX512-BF16), else fp32.")
+    fp16: bool = _f(False, "fp16 autocast with a gradient scaler (CUDA only); overflowing steps are skipped, not fatal.")
     logging_steps: int = _f(10, "Write a metrics line every this many optimizer steps.")
     save_steps: int = _f(500, "Write a checkpoint every this many optimizer steps (0: only at the end).")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted).")
@@ -197,6 +206,8 @@ class RewardSettings:
     reward_funcs: list[str] = _f([], "Reward functions: module:function, or built-ins accuracy, format, length_penalty.")
     reward_weights: list[float] | None = _f(None, "Weights of the reward functions (default: all 1).")
     reward_model_path: str | None = _f(None, "A reward model directory (posttrain reward output), used as a reward function.")
+    missing_eos_penalty: float | None = _f(
+        None, "Subtracted from the score of a completion that ended without a stop token (cut by length), e.g. 1.0.")
 
 
 @dataclass
@@ -210,7 +221,9 @@ class GRPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSetti
     learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
     num_train_epochs: float = _f(1.0, "Passes over the prompts when --max_steps is not set.")
     beta: float = _f(0.0, "KL penalty weight (0: no reference model is loaded).")
-    kl_estimator: str = _f("k3", "Per-token KL estimator: k1, k2 or k3.")
+    kl_estimator: str = _f("k3", "Per-token KL estimator: k2 or k3 as a loss term; k1 or k3 in the reward.")
+    kl_in: str = _f("loss", "Where the KL goes: loss (beta x per-token KL added to the loss) or reward "
+                    "(beta x the completion's summed KL subtracted from its reward, before the advantages).")
     loss_type: str = _f("dapo", "Aggregation: grpo (per-sequence mean), dr_grpo, dapo (global token mean), bnpo.")
     scale_rewards: str = _f("group", "Advantage scaling: group (std of the group), batch, or none (Dr. GRPO).")
     epsilon: float = _f(0.2, "Lower clip range of the importance ratio.")
@@ -222,10 +235,13 @@ class GRPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSetti
 @dataclass
 class RLOOConfig(GRPOConfig):
     """REINFORCE leave-one-out (`posttrain rloo`): the GRPO rollout with the KL folded into the
-    reward (k1) and a leave-one-out baseline; --scale_rewards and --kl_estimator do not apply."""
+    reward (always --kl_in reward; k1 by default) and a leave-one-out baseline; --scale_rewards
+    does not apply."""
 
     output_dir: str = _f("runs/rloo", "Where the model, config.yaml, metrics.jsonl and checkpoints go.")
-    beta: float = _f(0.05, "Weight of the KL (k1, summed over the completion) subtracted from the reward.")
+    beta: float = _f(0.05, "Weight of the KL (summed over the completion) subtracted from the reward.")
+    kl_estimator: str = _f("k1", "Per-token KL estimator in the reward: k1 or k3.")
+    kl_in: str = _f("reward", "Where the KL goes: RLOO always folds it into the reward.")
 
 
 @dataclass
@@ -248,8 +264,6 @@ class PPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, GenerationSettin
         False, "Critic = a linear value head on the policy's own hidden states (one backbone, no second model).")
     kl_coef: float = _f(0.05, "Weight beta of the per-token KL penalty in the reward.")
     kl_estimator: str = _f("k1", "Per-token KL estimator in the reward: k1 or k3.")
-    missing_eos_penalty: float | None = _f(
-        None, "Subtracted from the score of a completion that ended without a stop token (e.g. 1.0).")
     gamma: float = _f(1.0, "Discount factor of GAE.")
     lam: float = _f(0.95, "Lambda of GAE.")
     whiten_rewards: bool = _f(False, "Whiten the per-token rewards over the rollout (scale only) before GAE.")
@@ -278,8 +292,6 @@ class OnlineDPOConfig(ModelConfig, PromptDataConfig, ReferenceConfig, Generation
     temperature: float = _f(0.9, "Sampling temperature; log-probs in the loss use the same temperature (as TRL).")
     beta: float = _f(0.1, "KL strength beta of the DPO / IPO loss.")
     loss_type: str = _f("sigmoid", "sigmoid (DPO, summed log-probs) or ipo (IPO, average log-probs).")
-    missing_eos_penalty: float | None = _f(
-        None, "Subtract this from the score of a completion that ends without a stop token (cut by length).")
 
 
 @dataclass
@@ -292,7 +304,8 @@ class EvalConfig:
         None, "The model to evaluate (hub id, directory, .gguf). Unset: the embedded SmolLM2-135M-Instruct.")
     baseline: str | None = _f(None, "A second model to compare with (win rate, KL to it); e.g. the model before training.")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer for both models; default: the model's own.")
-    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a bf16 GPU), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "Weights dtype of both models (inference): auto (bf16 on a bf16 GPU, else fp32), "
+                            "float32, bfloat16, float16.")
     attn_implementation: str | None = _f(None, "Attention backend: sdpa, eager, flash_attention_2, ...")
     trust_remote_code: bool = _f(False, "Run code shipped with a hub model. Off unless given.")
     dataset_name: str | None = _f(None, "Held-out prompts: a JSONL/JSON/CSV/Parquet file, a directory, or a hub dataset.")

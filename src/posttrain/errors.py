@@ -15,6 +15,11 @@ class CheckpointError(PosttrainError):
     """A checkpoint is missing, incomplete or does not fit the run."""
 
 
+class LaunchError(PosttrainError):
+    """The processes that were launched are not the run accelerate sees (e.g. 2 ranks that each
+    think they are alone)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every error class whose message alone tells the user what to fix."""
     from posttrain.config import ConfigError

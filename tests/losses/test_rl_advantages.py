@@ -168,3 +168,40 @@ def test_reinforce_pp_by_hand():
     m = torch.tensor([[1, 1], [1, 0]])
     s = math.sqrt(1 / 3 + 1e-8)
     torch.testing.assert_close(reinforce_pp_advantages(r, m), t([[1 / 3 / s, 1 / 3 / s], [-2 / 3 / s, 0]]))
+
+
+def test_pitfall_31_group_advantages_leave_rewardless_samples_out_of_the_baseline():
+    """Groups of 4 with sample 3 (reward placeholder 9) having no reward at all (valid False):
+    group [1, 0, 9*, 1] is the group [1, 0, 1] for mean and std: mean 2/3, squares
+    (1/9 + 4/9 + 1/9) = 2/3, /(3 − 1) → std sqrt(1/3) = 0.57735; A = [1/3, −2/3, 1/3]/(std + 1e-4)
+    and 0 for the invalid one. Group [2*, 5, 2*, 7]: valid [5, 7], mean 6, std sqrt(2) → ±1/(sqrt 2 + eps).
+    Old behaviour (no mask) would use 9 in the mean: A_0 = (1 − 2.75)/..., negative."""
+    r = t([1, 0, 9, 1, 2, 5, 2, 7])
+    valid = torch.tensor([True, True, False, True, False, True, False, True])
+    s1, s2 = math.sqrt(1 / 3) + 1e-4, math.sqrt(2) + 1e-4
+    expected = t([1 / 3 / s1, -2 / 3 / s1, 0, 1 / 3 / s1, 0, -1 / s2, 0, 1 / s2])
+    torch.testing.assert_close(group_advantages(r, 4, scale="group", valid=valid), expected)
+    torch.testing.assert_close(group_advantages(r, 4, scale="none", valid=valid), t([1 / 3, -2 / 3, 0, 1 / 3, 0, -1, 0, 1]))
+    # batch: std over the 5 valid rewards [1, 0, 1, 5, 7] (mean 2.8; squares 3.24 + 7.84 + 3.24 + 4.84
+    # + 17.64 = 36.8; /4 → 9.2), the mean still per group
+    sb = math.sqrt(9.2) + 1e-4
+    torch.testing.assert_close(group_advantages(r, 4, scale="batch", valid=valid),
+                               t([1 / 3 / sb, -2 / 3 / sb, 0, 1 / 3 / sb, 0, -1 / sb, 0, 1 / sb]))
+    # all valid: bit-identical to no mask (the TRL-matching path)
+    assert torch.equal(group_advantages(r, 4, valid=torch.ones(8, dtype=torch.bool)), group_advantages(r, 4))
+    # a group with no valid sample, or one: advantage 0, never NaN
+    out = group_advantages(t([1, 2, 3, 4]), 2, valid=torch.tensor([False, False, True, False]))
+    assert out.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_pitfall_31_rloo_leaves_rewardless_samples_out_of_the_baseline():
+    """Group [1, 2, 9*, 6] (third invalid) is RLOO on [1, 2, 6]: [−3, −1.5, 0, 4.5]. Groups of 3:
+    [1, 9*, 6] → baselines 6 and 1 → [−5, 0, 5]; [4, 8*, 2*]: the valid one has no other valid
+    sample, so no baseline → 0."""
+    valid = torch.tensor([True, False, True, True, False, False])
+    torch.testing.assert_close(rloo_advantages(t([1, 9, 6, 4, 8, 2]), 3, valid=valid),
+                               t([-5.0, 0.0, 5.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(rloo_advantages(t([1, 2, 9, 6]), 4, valid=torch.tensor([True, True, False, True])),
+                               t([-3.0, -1.5, 0.0, 4.5]))
+    with pytest.raises(ValueError, match="valid"):
+        rloo_advantages(t([1, 2]), 2, valid=torch.tensor([True]))

@@ -92,3 +92,63 @@ def test_unknown_estimator_and_shapes():
         kl_estimate(t([0.0]), t([0.0]), "k4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="differ"):
         kl_estimate(t([0.0]), t([0.0, 1.0]))
+
+
+# -- pitfall 26: what each estimator's gradient estimates, exactly, on a categorical -------------
+
+Q26 = [0.1, 0.2, 0.3, 0.4]  # q = softmax(theta) with theta = log q (sums to 1)
+P26 = [0.25, 0.25, 0.25, 0.25]
+# float64, 4 outcomes, O(1) terms: rounding is a few eps (2.2e-16) per term; 1e-12 is far above it
+# and far below the smallest hand-worked difference (1e-7 printed digits aside, values are >= 0.02)
+EXACT = {"atol": 1e-12, "rtol": 0.0}
+
+
+def _expected_pathwise_gradient(estimator: str) -> torch.Tensor:
+    """sum_x q(x) * d/dtheta kl_estimate(log q(x), log p(x)): the estimator differentiated through
+    the sampled outcome's logp only (ref detached, no score-function term), averaged exactly over q."""
+    theta = t([math.log(x) for x in Q26], requires_grad=True)
+    ref = t([math.log(x) for x in P26])
+    q = torch.softmax(theta, 0).detach()
+    total = torch.zeros(4, dtype=torch.float64)
+    for x in range(4):
+        logp = torch.log_softmax(theta, 0)[x].view(1, 1)
+        value = kl_estimate(logp, ref[x].view(1, 1), estimator).sum()
+        (grad,) = torch.autograd.grad(value, theta)
+        total += q[x] * grad
+    return total
+
+
+def _exact_kl_gradient(direction: str) -> torch.Tensor:
+    """Autograd of the closed form: reverse KL(q || p) or forward KL(p || q), q = softmax(theta)."""
+    theta = t([math.log(x) for x in Q26], requires_grad=True)
+    logq, logp = torch.log_softmax(theta, 0), t([math.log(x) for x in P26])
+    kl = (logq.exp() * (logq - logp)).sum() if direction == "reverse" else (logp.exp() * (logp - logq)).sum()
+    (grad,) = torch.autograd.grad(kl, theta)
+    return grad
+
+
+def test_pitfall_26_expected_gradients_of_the_estimators():
+    """q = (0.1, 0.2, 0.3, 0.4), p uniform, d log q(x)/d theta_j = [x = j] − q_j. By hand:
+
+    k1: E_q[∇ log q] = sum_x q_x (e_x − q) = q − q = 0: a k1 loss term trains nothing.
+    k2: E_q[u ∇log q]_j = q_j (u_j − KL(q‖p)), u = log(q/p) = (−0.916291, −0.223144, 0.182322,
+        0.470004), KL(q‖p) = 0.106440 → (−0.102273, −0.065917, 0.022764, 0.145425) = ∇ KL(q‖p).
+    k3: E_q[(1 − p/q) ∇log q]_j = sum_x (q_x − p_x)([x = j] − q_j) = q_j − p_j
+        → (−0.15, −0.05, 0.05, 0.15) = ∇ KL(p‖q) = −sum_x p_x ([x = j] − q_j); NOT ∇ KL(q‖p).
+    """
+    torch.testing.assert_close(_expected_pathwise_gradient("k1"), torch.zeros(4, dtype=torch.float64), **EXACT)
+
+    k2 = _expected_pathwise_gradient("k2")
+    torch.testing.assert_close(k2, _exact_kl_gradient("reverse"), **EXACT)
+    torch.testing.assert_close(k2, t([-0.102273, -0.065917, 0.022764, 0.145425]), atol=5e-7, rtol=0)  # 6 digits
+
+    k3 = _expected_pathwise_gradient("k3")
+    torch.testing.assert_close(k3, _exact_kl_gradient("forward"), **EXACT)
+    torch.testing.assert_close(k3, t([-0.15, -0.05, 0.05, 0.15]), **EXACT)
+    assert (k3 - _exact_kl_gradient("reverse")).abs().max() > 0.01  # k3's gradient is the other KL's
+
+
+def test_pitfall_26_only_k2_and_k3_may_be_a_loss_term():
+    from posttrain.losses.kl import LOSS_KL_ESTIMATORS
+
+    assert set(LOSS_KL_ESTIMATORS) == {"k2", "k3"} and set(LOSS_KL_ESTIMATORS) < set(KL_ESTIMATORS)

@@ -8,6 +8,7 @@ from torch import nn
 
 from posttrain.models.logprobs import LogProbModel, check_packing_support, token_logprobs_from_hidden
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, EXACT64_REL
 
 N, H, V = 10, 8, 37
 
@@ -30,27 +31,28 @@ def _data(dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, N, 4 * N])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_grads_match_naive_fp32(chunk_size, temperature):
-    hidden, weight, targets = _data()
+def test_values_and_grads_match_naive_fp64(chunk_size, temperature):
+    """Chunked kernel == naive log-softmax, values and gradients: an identity, so in float64
+    (tolerances: tests/numerics.py). The fp32 path is the same code with another dtype."""
+    hidden, weight, targets = _data(torch.float64)
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    upstream = torch.randn(N)
+    upstream = torch.randn(N, dtype=torch.float64)
 
     logp, ent, cor = token_logprobs_from_hidden(
         h1, w1, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=True, with_accuracy=True
     )
-    assert logp.dtype == torch.float32 and logp.shape == (N,)
+    assert logp.dtype == torch.float64 and logp.shape == (N,)
     (logp * upstream).sum().backward()
 
     ref = torch.log_softmax((h2 @ w2.T) / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
     (ref * upstream).sum().backward()
-    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    for got, want in ((logp, ref), (h1.grad, h2.grad), (w1.grad, w2.grad)):
+        torch.testing.assert_close(got, want, rtol=EXACT64_REL, atol=EXACT64_ABS)
 
     _, ent_ref, cor_ref = _naive(hidden, weight, targets, temperature)
     assert (ent >= 0).all() and not ent.requires_grad
-    torch.testing.assert_close(ent.double(), ent_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, rtol=EXACT64_REL, atol=EXACT64_ABS)
     assert torch.equal(cor, cor_ref)
 
 
@@ -164,9 +166,14 @@ def _tiny():
     return make_tiny_llama(vocab_size=TINY_V)
 
 
+def _tiny64():
+    """For identities (kernel == naive, packed == separate): float64, tolerances in tests/numerics.py."""
+    return make_tiny_llama(vocab_size=TINY_V).double()
+
+
 def _naive_model_logps(model, input_ids, attention_mask=None, position_ids=None):
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
 
 
 def _padded_batch(padding_side="right", seed=0):
@@ -188,14 +195,14 @@ def _padded_batch(padding_side="right", seed=0):
 def test_logprob_model_matches_naive_padded(padding_side):
     """Values and parameter gradients equal log_softmax(model(...).logits) gathered, on real
     target positions; padded positions are exactly 0."""
-    model = _tiny()
+    model = _tiny64()
     ids, mask = _padded_batch(padding_side)
     wrapped = LogProbModel(model, chunk_size=5)
     out = wrapped(ids, attention_mask=mask, with_entropy=True, with_accuracy=True)
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
     ref = _naive_model_logps(model, ids, mask)
-    assert out["logps"].shape == (3, ids.shape[1] - 1) and out["logps"].dtype == torch.float32
-    torch.testing.assert_close(out["logps"][valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert out["logps"].shape == (3, ids.shape[1] - 1) and out["logps"].dtype == torch.float64
+    torch.testing.assert_close(out["logps"][valid], ref[valid], rtol=EXACT64_REL, atol=EXACT64_ABS)
     assert (out["logps"][~valid] == 0).all() and (out["entropy"][~valid] == 0).all()
     assert (out["entropy"][valid] > 0).all()
 
@@ -204,14 +211,14 @@ def test_logprob_model_matches_naive_padded(padding_side):
     model.zero_grad()
     ref[valid].sum().backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-4, msg=n)
+        torch.testing.assert_close(grads[n], p.grad, rtol=EXACT64_REL, atol=EXACT64_ABS, msg=n)
 
 
 def test_pitfall_06_packed_row_equals_separate_rows_no_cross_attention():
     """Padding-free packing (pitfall 6): a B=1 row of two examples with restarting position_ids
     and no attention mask gives each example's log-probs (and gradients) as if run alone; the
     same row without position_ids (cross-attention) differs, so the test can fail."""
-    model = _tiny()
+    model = _tiny64()
     wrapped = LogProbModel(model, chunk_size=4)
     g = torch.Generator().manual_seed(3)
     a = torch.randint(3, TINY_V, (1, 5), generator=g)
@@ -222,8 +229,8 @@ def test_pitfall_06_packed_row_equals_separate_rows_no_cross_attention():
     out = wrapped(packed, position_ids=pos)["logps"]
     sep_a, sep_b = wrapped(a)["logps"], wrapped(b)["logps"]
     # position 4 predicts b's first token from a's last: a boundary the caller masks
-    torch.testing.assert_close(out[:, :4], sep_a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[:, 5:], sep_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, :4], sep_a, rtol=EXACT64_REL, atol=EXACT64_ABS)
+    torch.testing.assert_close(out[:, 5:], sep_b, rtol=EXACT64_REL, atol=EXACT64_ABS)
     unpacked = wrapped(packed)["logps"]
     assert not torch.allclose(unpacked[:, 5:], sep_b, atol=1e-3)
 
@@ -234,7 +241,7 @@ def test_pitfall_06_packed_row_equals_separate_rows_no_cross_attention():
     model.zero_grad()
     (sep_a.sum() + sep_b.sum()).backward()
     for gp, p in zip(g_packed, model.parameters()):
-        torch.testing.assert_close(gp, p.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gp, p.grad, rtol=EXACT64_REL, atol=EXACT64_ABS)
 
 
 def test_pitfall_11_bf16_logprobs_match_fp32():
@@ -262,18 +269,18 @@ def test_pitfall_18_fallback_head_logps_and_entropy_match_naive():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        _tiny(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+        _tiny64(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
     )
     wrapped = LogProbModel(model, chunk_size=4)
     ids, mask = _padded_batch("right")
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
     out = wrapped(ids, attention_mask=mask, with_entropy=True, with_accuracy=True)
     ref = _naive_model_logps(model, ids, mask)
-    torch.testing.assert_close(out["logps"][valid], ref[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["logps"][valid], ref[valid], rtol=EXACT64_REL, atol=EXACT64_ABS)
     with torch.no_grad():
-        z = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        z = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         naive_entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
-    torch.testing.assert_close(out["entropy"][valid], naive_entropy[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["entropy"][valid], naive_entropy[valid], rtol=EXACT64_REL, atol=EXACT64_ABS)
     assert (out["entropy"][valid] > 0).all()
     out["logps"][valid].sum().backward()
     head_lora = [p for n, p in model.named_parameters() if "lm_head" in n and "lora" in n]
@@ -282,16 +289,16 @@ def test_pitfall_18_fallback_head_logps_and_entropy_match_naive():
 
 def test_logprob_model_softcapping_fallback():
     """final_logit_softcapping (Gemma 2 style): z = c * tanh(z / c) before the log-softmax."""
-    model = _tiny()
+    model = _tiny64()
     model.config.final_logit_softcapping = 0.5
     ids, mask = _padded_batch("right")
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
     out = LogProbModel(model, chunk_size=4)(ids, attention_mask=mask)["logps"]
     with torch.no_grad():
-        z = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        z = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         z = 0.5 * torch.tanh(z / 0.5)
         ref = torch.log_softmax(z, -1).gather(2, ids[:, 1:, None]).squeeze(2)
-    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[valid], ref[valid], rtol=EXACT64_REL, atol=EXACT64_ABS)
 
 
 def test_check_packing_support():

@@ -1,5 +1,6 @@
 """LogProbModel(prefix=SharedPrefix(...)): each prompt run once for all its rows, with the numbers
-(log-probs, entropy and gradients) of scoring every prompt + continuation row on its own."""
+(log-probs, entropy and gradients) of scoring every prompt + continuation row on its own. Identities,
+so in float64 (tolerances: tests/numerics.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from posttrain.models.logprobs import LogProbModel, SharedPrefix
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, EXACT64_REL
 
 PROMPTS = [[1, 504, 3101, 314, 253], [1, 77, 88]]
 ROWS = [(0, [11, 12, 13, 2]), (0, [14, 2]), (1, [15, 16, 17, 18, 19]), (1, [20]), (0, [21, 22, 23])]
@@ -39,7 +41,7 @@ def per_row_reference(policy):
 
 
 def test_shared_prefix_equals_scoring_each_row_alone():
-    model = make_tiny_llama(seed=4)
+    model = make_tiny_llama(seed=4).double()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)  # peaked distributions: mismatches would show
     policy = LogProbModel(model)
@@ -48,8 +50,8 @@ def test_shared_prefix_equals_scoring_each_row_alone():
     assert out["logps"].shape == ids.shape
     ref_logps, ref_entropy = per_row_reference(policy)
     for i, (_, c) in enumerate(ROWS):
-        torch.testing.assert_close(out["logps"][i, :len(c)], ref_logps[i], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out["entropy"][i, :len(c)], ref_entropy[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["logps"][i, :len(c)], ref_logps[i], rtol=EXACT64_REL, atol=EXACT64_ABS)
+        torch.testing.assert_close(out["entropy"][i, :len(c)], ref_entropy[i], rtol=EXACT64_REL, atol=EXACT64_ABS)
         assert (out["logps"][i, len(c):] == 0).all()  # padding is not scored
 
 
@@ -58,7 +60,7 @@ def test_shared_prefix_gradients_equal_per_row_gradients():
     weights = torch.linspace(0.5, 1.5, ids.numel()).view(ids.shape) * mask
     grads = []
     for shared in (True, False):
-        model = make_tiny_llama(seed=4)
+        model = make_tiny_llama(seed=4).double()
         policy = LogProbModel(model)
         if shared:
             loss = (policy(ids, attention_mask=mask, prefix=prefix)["logps"] * weights).sum()
@@ -67,18 +69,18 @@ def test_shared_prefix_gradients_equal_per_row_gradients():
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
-        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(g, grads[1][name], rtol=EXACT64_REL, atol=EXACT64_ABS, msg=name)
     assert grads[0]["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0  # the prompt pass got gradient
 
 
 def test_shared_prefix_under_gradient_checkpointing_scores_the_same():
     """Checkpointed layers cannot keep a KV cache: the rows are scored as prompt + continuation."""
     ids, mask, prefix = shared_batch()
-    model = make_tiny_llama(seed=4)
+    model = make_tiny_llama(seed=4).double()
     policy = LogProbModel(model)
     with torch.no_grad():
         plain = policy(ids, attention_mask=mask, prefix=prefix)["logps"]
     model.gradient_checkpointing_enable()
     model.train()
     checkpointed = policy(ids, attention_mask=mask, prefix=prefix)["logps"]
-    torch.testing.assert_close(checkpointed.detach(), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(checkpointed.detach(), plain, rtol=EXACT64_REL, atol=EXACT64_ABS)

@@ -15,6 +15,7 @@ from posttrain import DPOConfig, dpo
 from posttrain.demo.tasks import generate_preferences
 from posttrain.losses.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, FLOAT64, assert_exact64, tiny_llama_fp64
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,23 +106,25 @@ def test_training_raises_chosen_over_rejected(tmp_path, tokenizer, pairs):
 
 def test_padding_free_equals_padded(tmp_path, tokenizer, pairs):
     train, _ = pairs
-    a = dpo(_cfg(tmp_path, "padded", max_steps=2), model=make_tiny_llama(), tokenizer=tokenizer, dataset=train)
-    b = dpo(_cfg(tmp_path, "free", max_steps=2, padding_free=True), model=make_tiny_llama(), tokenizer=tokenizer,
+    a = dpo(_cfg(tmp_path, "padded", max_steps=2, **FLOAT64), model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=train)
+    b = dpo(_cfg(tmp_path, "free", max_steps=2, padding_free=True, **FLOAT64), model=tiny_llama_fp64(), tokenizer=tokenizer,
             dataset=train)
     for x, y in zip(_train_rows(a.output_dir), _train_rows(b.output_dir), strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert_exact64(x["loss"], y["loss"], "loss")  # float64: tolerances in tests/numerics.py
+        assert_exact64(x["grad_norm"], y["grad_norm"], "grad_norm")
+        assert_exact64(x["rewards/margins"], y["rewards/margins"], "rewards/margins", abs_tol=EXACT64_ABS)
 
 
 def test_accumulation_invariance(tmp_path, tokenizer, pairs):
     train, _ = pairs
-    a = dpo(_cfg(tmp_path, "b8", max_steps=2, per_device_train_batch_size=8), model=make_tiny_llama(),
+    a = dpo(_cfg(tmp_path, "b8", max_steps=2, per_device_train_batch_size=8, **FLOAT64), model=tiny_llama_fp64(),
             tokenizer=tokenizer, dataset=train)
-    b = dpo(_cfg(tmp_path, "b4x2", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-            model=make_tiny_llama(), tokenizer=tokenizer, dataset=train)
+    b = dpo(_cfg(tmp_path, "b4x2", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, **FLOAT64),
+            model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=train)
     for x, y in zip(_train_rows(a.output_dir), _train_rows(b.output_dir), strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+        assert_exact64(x["loss"], y["loss"], "loss")  # float64: tolerances in tests/numerics.py
+        assert_exact64(x["grad_norm"], y["grad_norm"], "grad_norm")
+        assert_exact64(x["rewards/margins"], y["rewards/margins"], "rewards/margins", abs_tol=EXACT64_ABS)
 
 
 def test_dpo_cli_from_jsonl_and_config(tmp_path, tiny_model_dir, pairs):

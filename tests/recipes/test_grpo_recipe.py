@@ -15,6 +15,7 @@ from posttrain import GRPOConfig, grpo
 from posttrain.demo.tasks import generate
 from posttrain.errors import PosttrainError
 from tests.conftest import StopAfterCheckpoint, make_tiny_llama
+from tests.numerics import EXACT64_ABS, FLOAT64, assert_exact64, tiny_llama_fp64
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,15 +59,15 @@ def test_pitfall_13_first_step_ratio_is_one_and_kl_zero(tmp_path, tokenizer, pro
 def test_grpo_accumulation_invariance(tmp_path, tokenizer, prompts):
     """The whole step's completions are sampled at once, and dapo's normaliser is global, so
     8 completions per micro-batch == 4 x 2 accumulation."""
-    a = grpo(_cfg(tmp_path, "b8", max_steps=2), model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts,
+    a = grpo(_cfg(tmp_path, "b8", max_steps=2, **FLOAT64), model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=prompts,
              reward_funcs=[shorter_is_better])
-    b = grpo(_cfg(tmp_path, "b4x2", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-             model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[shorter_is_better])
+    b = grpo(_cfg(tmp_path, "b4x2", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, **FLOAT64),
+             model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[shorter_is_better])
     for x, y in zip(_rows(a.output_dir), _rows(b.output_dir), strict=True):
         assert x["reward"] == y["reward"]
-        # equal-length completions make the first-pass loss -mean(A) = 0 up to fp32 noise (~1e-8)
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        # float64 (tests/numerics.py); the first-pass loss is -mean(A) = 0 up to rounding: absolute bound
+        assert_exact64(x["loss"], y["loss"], "loss", abs_tol=EXACT64_ABS)
+        assert_exact64(x["grad_norm"], y["grad_norm"], "grad_norm")
 
 
 def test_pitfall_19_resume_between_iterations_is_bit_identical(tmp_path, tokenizer, prompts, monkeypatch):
@@ -134,3 +135,48 @@ def test_grpo_cli_with_module_reward(tmp_path, tiny_model_dir, prompts):
     rows = _rows(tmp_path / "out")
     assert len(rows) == 2 and "rewards/brevity/mean" in rows[0] and "rewards/format/mean" in rows[0]
     assert "prompts x 4 generations" in proc.stdout
+
+
+def test_pitfall_26_k1_as_a_loss_term_is_refused(tmp_path, tokenizer, prompts):
+    """k1's expected gradient is 0 (tests/losses/test_rl_kl.py): as a loss term the KL penalty
+    would silently do nothing, so the config is refused before any model work."""
+    from posttrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"k1.*loss term.*zero.*--kl_in reward"):
+        grpo(_cfg(tmp_path, "k1", beta=0.1, kl_estimator="k1"), model=make_tiny_llama(), tokenizer=tokenizer,
+             dataset=prompts, reward_funcs=[shorter_is_better])
+    with pytest.raises(ConfigError, match="kl_in"):
+        grpo(_cfg(tmp_path, "where", beta=0.1, kl_in="advantage"), model=make_tiny_llama(), tokenizer=tokenizer,
+             dataset=prompts, reward_funcs=[shorter_is_better])
+
+
+def test_pitfall_26_k1_in_the_reward_and_missing_eos_penalty(tmp_path, tokenizer, prompts):
+    """--kl_in reward with k1 runs (the KL's value shapes the reward; policy == reference at step 0
+    so kl == 0). Every completion is cut at 2 tokens (a random model never says EOS that soon), so
+    with --missing_eos_penalty 1 and a reward of 0 each reward is 0 - 1 - beta*0 = -1 exactly."""
+
+    def zero(prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+    result = grpo(_cfg(tmp_path, "kin", beta=0.1, kl_estimator="k1", kl_in="reward", max_completion_length=2,
+                       missing_eos_penalty=1.0), model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts,
+                  reward_funcs=[zero])
+    row = _rows(result.output_dir)[0]
+    assert row["completions/clipped_ratio"] == 1.0
+    assert row["kl"] == 0.0 and row["rlhf_reward"] == -1.0 and row["reward"] == 0.0
+
+
+def test_pitfall_31_rewardless_completions_get_no_advantage(tmp_path, tokenizer, prompts):
+    """The first completion of every group gets None (no reward), the others 1.0. Left out of the
+    baseline, each group is [1, 1, 1]: every advantage is 0, so with one pass (ratio 1) and no KL
+    the gradient is exactly 0. Today's code scored None as 0: groups [0, 1, 1, 1], nonzero
+    advantages, a nonzero gradient."""
+
+    def first_not_applicable(prompts, completions, **columns):
+        return [None if i % 4 == 0 else 1.0 for i in range(len(completions))]
+
+    with pytest.warns(UserWarning, match="None from every reward function"):
+        result = grpo(_cfg(tmp_path, "none"), model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts,
+                      reward_funcs=[first_not_applicable])
+    row = _rows(result.output_dir)[0]
+    assert row["grad_norm"] == 0.0 and row["reward"] == 1.0  # the mean over the samples with a reward

@@ -15,6 +15,7 @@ from posttrain import KTOConfig, kto
 from posttrain.demo.tasks import generate_unpaired
 from posttrain.recipes.kto import derangement, mismatched_pairs
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, FLOAT64, assert_exact64, tiny_llama_fp64
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,15 +64,15 @@ def test_kto_unequal_classes_and_one_class_batches_train(tmp_path, tokenizer, ro
 def test_kto_accumulation_invariance(tmp_path, tokenizer, rows):
     """z0 is estimated over the whole step, so batch 8 == 4 x 2 accumulation exactly."""
     train, _ = rows
-    a = kto(_cfg(tmp_path, "b8", max_steps=3, per_device_train_batch_size=8), model=make_tiny_llama(),
+    a = kto(_cfg(tmp_path, "b8", max_steps=3, per_device_train_batch_size=8, **FLOAT64), model=tiny_llama_fp64(),
             tokenizer=tokenizer, dataset=train)
-    b = kto(_cfg(tmp_path, "b4x2", max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-            model=make_tiny_llama(), tokenizer=tokenizer, dataset=train)
+    b = kto(_cfg(tmp_path, "b4x2", max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2, **FLOAT64),
+            model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=train)
     for x, y in zip(_train_rows(a.output_dir), _train_rows(b.output_dir), strict=True):
-        # after step 1 the weights differ by fp32 summation order (8 rows vs 4 + 4), ~1e-6 relative
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-        assert x["kl"] == pytest.approx(y["kl"], rel=1e-5, abs=1e-7)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+        # float64: tolerances in tests/numerics.py; kl is a difference of log-prob sums
+        assert_exact64(x["loss"], y["loss"], "loss")
+        assert_exact64(x["kl"], y["kl"], "kl", abs_tol=EXACT64_ABS)
+        assert_exact64(x["grad_norm"], y["grad_norm"], "grad_norm")
 
 
 def test_mismatched_pairs_is_a_derangement(tokenizer, rows):

@@ -18,6 +18,7 @@ from posttrain.config import ConfigError
 from posttrain.demo.tasks import generate
 from posttrain.recipes.online_dpo import rank_pairs
 from tests.conftest import StopAfterCheckpoint, make_tiny_llama
+from tests.numerics import EXACT64_ABS, FLOAT64, assert_exact64, assert_state_dicts_exact64, tiny_llama_fp64
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,17 +115,20 @@ def test_pitfall_19_resume_is_bit_identical(tmp_path, tokenizer, prompts, monkey
 
 def test_online_dpo_accumulation_invariance(tmp_path, tokenizer, prompts):
     """A step's prompts are sampled at once and the loss is a mean over the step's pairs, so
-    8 pairs per micro-batch == 4 x 2 accumulation (same samples, loss and gradients)."""
-    a = online_dpo(_cfg(tmp_path, "b8", max_steps=2, per_device_train_batch_size=8), model=make_tiny_llama(),
-                   tokenizer=tokenizer, dataset=prompts, reward_funcs=[id_sum])
-    b = online_dpo(_cfg(tmp_path, "b4x2", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-                   model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[id_sum])
+    8 pairs per micro-batch == 4 x 2 accumulation (same samples, loss and gradients). Exact in real
+    arithmetic, so checked in float64 (tolerances: tests/numerics.py)."""
+    a = online_dpo(_cfg(tmp_path, "b8", max_steps=2, per_device_train_batch_size=8, **FLOAT64),
+                   model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=prompts, reward_funcs=[id_sum])
+    b = online_dpo(_cfg(tmp_path, "b4x2", max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                        **FLOAT64), model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=prompts,
+                   reward_funcs=[id_sum])
     for x, y in zip(_rows(a.output_dir), _rows(b.output_dir), strict=True):
         assert x["objective/scores"] == y["objective/scores"]
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
-        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-4, abs=1e-9)
+        for key in ("loss", "grad_norm"):
+            assert_exact64(x[key], y[key], key)
+        assert_exact64(x["rewards/margins"], y["rewards/margins"], "rewards/margins", abs_tol=EXACT64_ABS)
     assert _rows(a.output_dir)[1]["rewards/margins"] != 0.0  # step 2 trains a changed policy
+    assert_state_dicts_exact64(a.model.state_dict(), b.model.state_dict())
 
 
 def test_pitfall_15_sampler_uses_the_weights_after_each_step(tmp_path, tokenizer, prompts, monkeypatch):

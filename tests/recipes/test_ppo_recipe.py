@@ -168,6 +168,8 @@ def test_pitfall_19_ppo_resume_is_bit_identical(tmp_path, tokenizer, prompts, re
     first = ppo(_cfg(tmp_path, "interrupted", reward_model_dir, **kw), model=make_tiny_llama(), tokenizer=tokenizer,
                 dataset=prompts)
     assert first.stopped_early and not (out / "model.safetensors").exists()
+    ckpt = out / "checkpoints" / "step-000001"  # loadable (pitfall 20): the policy, its critic in value_model/
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "value_model" / "model.safetensors").exists()
     monkeypatch.undo()
     resumed = ppo(_cfg(tmp_path, "interrupted", reward_model_dir, resume_from_checkpoint="latest", **kw),
                   model=make_tiny_llama(), tokenizer=tokenizer, dataset=prompts)

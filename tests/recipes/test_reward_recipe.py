@@ -22,6 +22,7 @@ from posttrain.demo.tasks import generate_preferences
 from posttrain.models.reward_model import RewardModelReward, RewardScorer
 from posttrain.recipes.reward import reward
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, FLOAT64, assert_exact64, assert_state_dicts_exact64, tiny_llama_fp64
 
 REPO = Path(__file__).resolve().parents[2]
 STEP_METRICS = ("loss", "grad_norm", "learning_rate", "accuracy", "margin", "rewards/chosen_mean",
@@ -147,28 +148,26 @@ def test_reward_rejects_non_preference_data_before_loading_a_model(tmp_path, tok
 def test_pitfall_08_reward_accumulation_invariance(tmp_path, tokenizer, pairs):
     """One optimizer step of 8 pairs equals 4 pairs x 2 accumulation: same loss, grad norm, weights."""
     train, _ = pairs
-    a = reward(_config(tmp_path, "b8", max_steps=1, per_device_train_batch_size=8), model=make_tiny_llama(),
+    a = reward(_config(tmp_path, "b8", max_steps=1, per_device_train_batch_size=8, **FLOAT64), model=tiny_llama_fp64(),
                tokenizer=tokenizer, dataset=train)
-    b = reward(_config(tmp_path, "b4x2", max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-               model=make_tiny_llama(), tokenizer=tokenizer, dataset=train)
+    b = reward(_config(tmp_path, "b4x2", max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, **FLOAT64),
+               model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=train)
     ma, mb = _metrics(a.output_dir)[0], _metrics(b.output_dir)[0]
-    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
-    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
-    for key in ("accuracy", "margin", "rewards/chosen_std", "num_tokens"):
-        assert ma[key] == pytest.approx(mb[key], rel=1e-6, abs=1e-9), key
-    wa, wb = a.model.state_dict(), b.model.state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # float64: tolerances in tests/numerics.py
+    for key in ("loss", "grad_norm", "accuracy", "margin", "rewards/chosen_std", "num_tokens"):
+        assert_exact64(ma[key], mb[key], key, abs_tol=EXACT64_ABS)
+    assert_state_dicts_exact64(a.model.state_dict(), b.model.state_dict())
 
 
 def test_reward_padding_free_equals_padded(tmp_path, tokenizer, pairs):
     train, _ = pairs
-    a = reward(_config(tmp_path, "pad", max_steps=1, per_device_train_batch_size=16), model=make_tiny_llama(),
+    a = reward(_config(tmp_path, "pad", max_steps=1, per_device_train_batch_size=16, **FLOAT64), model=tiny_llama_fp64(),
                tokenizer=tokenizer, dataset=train)
-    b = reward(_config(tmp_path, "free", max_steps=1, per_device_train_batch_size=16, padding_free=True),
-               model=make_tiny_llama(), tokenizer=tokenizer, dataset=train)
+    b = reward(_config(tmp_path, "free", max_steps=1, per_device_train_batch_size=16, padding_free=True, **FLOAT64),
+               model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=train)
     ma, mb = _metrics(a.output_dir)[0], _metrics(b.output_dir)[0]
-    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
-    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+    assert_exact64(ma["loss"], mb["loss"], "loss")  # float64: tolerances in tests/numerics.py
+    assert_exact64(ma["grad_norm"], mb["grad_norm"], "grad_norm")
     assert ma["num_tokens"] == mb["num_tokens"]  # no padding counted on either side
 
 

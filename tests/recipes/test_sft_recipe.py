@@ -14,6 +14,7 @@ from posttrain import SFTConfig, sft
 from posttrain.demo.tasks import generate
 from posttrain.errors import NonFiniteLossError
 from tests.conftest import StopAfterCheckpoint, make_tiny_llama
+from tests.numerics import FLOAT64, assert_exact64, assert_state_dicts_exact64, tiny_llama_fp64
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +70,15 @@ def test_sft_loss_decreases(tmp_path, tokenizer, chat_rows):
 def test_pitfall_08_gradient_accumulation_invariance(tmp_path, tokenizer, chat_rows):
     """One optimizer step of batch 8 equals batch 4 x 2 accumulation: same loss, same gradient
     (its global norm) and the same updated weights."""
-    a = sft(_config(tmp_path, "b8", max_steps=1, per_device_train_batch_size=8), model=make_tiny_llama(),
+    a = sft(_config(tmp_path, "b8", max_steps=1, per_device_train_batch_size=8, **FLOAT64), model=tiny_llama_fp64(),
             tokenizer=tokenizer, dataset=chat_rows)
-    b = sft(_config(tmp_path, "b4x2", max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2),
-            model=make_tiny_llama(), tokenizer=tokenizer, dataset=chat_rows)
+    b = sft(_config(tmp_path, "b4x2", max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, **FLOAT64),
+            model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=chat_rows)
     ma, mb = _metrics(a.output_dir)[0], _metrics(b.output_dir)[0]
-    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
-    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+    assert_exact64(ma["loss"], mb["loss"], "loss")  # float64: tolerances in tests/numerics.py
+    assert_exact64(ma["grad_norm"], mb["grad_norm"], "grad_norm")
     assert ma["num_tokens"] == mb["num_tokens"]
-    wa, wb = _weights(a.model), _weights(b.model)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert_state_dicts_exact64(_weights(a.model), _weights(b.model))
 
 
 def test_pitfall_08_packed_equals_unpacked(tmp_path, tokenizer, chat_rows):
@@ -91,13 +91,14 @@ def test_pitfall_08_packed_equals_unpacked(tmp_path, tokenizer, chat_rows):
     loaded = as_loaded_rows(chat_rows, None)
     examples, _ = prepare_sft_examples(loaded, detect_format(loaded.rows, loaded.source), tokenizer, max_length=128)
     bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], 128)
-    padded = sft(_config(tmp_path, "padded", max_steps=1, per_device_train_batch_size=len(chat_rows)),
-                 model=make_tiny_llama(), tokenizer=tokenizer, dataset=chat_rows)
-    packed = sft(_config(tmp_path, "packed", max_steps=1, per_device_train_batch_size=len(bins), packing=True),
-                 model=make_tiny_llama(), tokenizer=tokenizer, dataset=chat_rows)
+    padded = sft(_config(tmp_path, "padded", max_steps=1, per_device_train_batch_size=len(chat_rows), **FLOAT64),
+                 model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=chat_rows)
+    packed = sft(_config(tmp_path, "packed", max_steps=1, per_device_train_batch_size=len(bins), packing=True,
+                         **FLOAT64),
+                 model=tiny_llama_fp64(), tokenizer=tokenizer, dataset=chat_rows)
     mp, mq = _metrics(padded.output_dir)[0], _metrics(packed.output_dir)[0]
-    assert mp["loss"] == pytest.approx(mq["loss"], rel=1e-5)
-    assert mp["grad_norm"] == pytest.approx(mq["grad_norm"], rel=1e-4)
+    assert_exact64(mp["loss"], mq["loss"], "loss")  # float64: tolerances in tests/numerics.py
+    assert_exact64(mp["grad_norm"], mq["grad_norm"], "grad_norm")
     assert mp["mean_token_accuracy"] == pytest.approx(mq["mean_token_accuracy"])
 
 

@@ -264,3 +264,39 @@ def test_reward_inputs_from_a_rollout(tokenizer):
     assert per_fn["accuracy"].tolist() == [1.0, 0.0]
     assert per_fn["length_penalty"].tolist() == [-(len(text_ids) + 1.0), -float(len(text_ids))]
     assert total.tolist() == [1.5, 0.5]
+
+
+def test_pitfall_31_none_is_not_applicable_and_all_none_has_no_reward():
+    """TRL semantics: None leaves the sample out of that function's sum and metrics. Sample 1 gets
+    None from both functions: no reward (valid False, a warning), left out of `reward`.
+    By hand (weights 0.5, 2): totals [0.5*1 + 2*2, -, 0.5*1, 2*4] = [4.5, 0, 0.5, 8]; reward mean
+    over the 3 valid = 13/3; rewards/one/mean over its 3 = 2/3; rewards/two/mean over its 2 = 3."""
+
+    def one(prompts, completions, **kw):
+        return [1.0, None, 1.0, 0.0]
+
+    def two(prompts, completions, **kw):
+        return [2.0, None, None, 4.0]
+
+    with pytest.warns(UserWarning, match=r"1 of 4 completions got None from every reward function.*sample 1"):
+        scores = score_completions([one, two], [0.5, 2.0], ["p"] * 4, ["a", "b", "c", "d"], {})
+    assert scores.total.tolist() == [4.5, 0.0, 0.5, 8.0]
+    assert scores.valid.tolist() == [True, False, True, True]
+    m = scores.metrics()
+    assert m["reward"] == pytest.approx(13.0 / 3, rel=1e-6)  # float32 sums of 3 small numbers
+    assert m["rewards/one/mean"] == pytest.approx(2.0 / 3, rel=1e-6)
+    assert m["rewards/two/mean"] == pytest.approx(3.0, rel=1e-6)
+
+
+def test_pitfall_31_grpo_advantages_skip_rewardless_samples():
+    """The recipe path: score_completions' valid mask into group_advantages. Group of 4 with
+    rewards [1, None, 0, 1]: the baseline is over [1, 0, 1] (mean 2/3), not [1, 0, 0, 1] (½)."""
+    from posttrain.losses.advantages import group_advantages
+
+    def fn(prompts, completions, **kw):
+        return [1.0, None, 0.0, 1.0]
+
+    with pytest.warns(UserWarning):
+        scores = score_completions([fn], None, ["p"] * 4, ["a", "b", "c", "d"])
+    adv = group_advantages(scores.total, 4, scale="none", valid=scores.valid)
+    torch.testing.assert_close(adv, torch.tensor([1 / 3, 0.0, -2 / 3, 1 / 3]))

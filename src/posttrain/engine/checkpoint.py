@@ -1,11 +1,21 @@
-"""Checkpoints for exact resume, written atomically.
+"""Checkpoints a user can load, and that resume exactly, written atomically.
 
-A checkpoint is accelerate's saved state (model weights as safetensors, optimizer, scheduler and
-every process's RNG states) plus `trainer_state.json` (the step — which fixes the data position,
-see batching.py — token count, elapsed time), and, when a recipe keeps some, per-process tensors
-(`extra_tensors_<rank>.pt`, e.g. a GRPO rollout reused by later --num_iterations passes). It is
-written into a temporary directory and renamed into place, so a crash mid-write never leaves a
-checkpoint that looks complete; a failed run keeps its last good one.
+`checkpoints/step-N/` is laid out like HF Trainer's `checkpoint-N`:
+
+- the model as the final save writes it (models/saving.py): `config.json` + `model.safetensors`
+  (or the LoRA adapter), the tokenizer and chat template — loadable with
+  `AutoModelForCausalLM.from_pretrained(dir)` / `PeftModel.from_pretrained(base, dir)` /
+  `AutoModelForSequenceClassification` for a reward model; PPO adds its critic in `value_model/`;
+- `training_state/`: accelerate's saved state of the prepared training module (its weights
+  again, optimizer, scheduler, every process's RNG states) — what resume loads;
+- `trainer_state.json` (the step — which fixes the data position, see batching.py — token count,
+  elapsed time) and, when a recipe keeps some, per-process tensors (`extra_tensors_<rank>.pt`,
+  e.g. a GRPO rollout reused by later --num_iterations passes).
+
+Everything is written into a temporary directory and renamed into place, so a crash mid-write
+never leaves a checkpoint that looks complete; a failed run keeps its last good one. The model
+files are written by the main process only. A full fine-tune's weights are on disk twice (HF
+files + training_state, ~2x model size besides the optimizer's 2x); an adapter's only once.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +33,7 @@ import torch
 from posttrain.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+TRAINING_STATE = "training_state"  # accelerate's save_state, beside the loadable model files
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -60,11 +72,13 @@ def _tensors_file(path: Path, process_index: int) -> Path:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
-                    save_total_limit: int | None = None, tensors: dict[str, Any] | None = None) -> Path:
+                    save_total_limit: int | None = None, tensors: dict[str, Any] | None = None,
+                    write_model: Callable[[Path], None] | None = None) -> Path:
     """Save the full training state for `step` atomically; returns the checkpoint dir.
 
     `tensors`: this process's recipe tensors that must survive a resume (nested dicts/lists of
-    tensors and numbers), one file per process, inside the same atomic rename."""
+    tensors and numbers), one file per process, inside the same atomic rename. `write_model(dir)`
+    writes the loadable model files into the checkpoint dir (main process only), before the rename."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -72,11 +86,13 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp / TRAINING_STATE))
     if tensors:
         torch.save(tensors, _tensors_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_model is not None:
+            write_model(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -94,7 +110,8 @@ def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read {STATE_FILE}: {exc}") from None
-    accelerator.load_state(str(path))
+    # checkpoints written before the model files sat beside it hold the state at the top level
+    accelerator.load_state(str(path / TRAINING_STATE if (path / TRAINING_STATE).is_dir() else path))
     return state
 
 

@@ -18,6 +18,7 @@ A recipe keeps its loop visible and calls the session at the edges:
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -62,6 +63,8 @@ class TrainingSession:
         # Recipe tensors that must survive a resume, per process (e.g. GRPO's rollout between its
         # --num_iterations passes); saved only when non-empty.
         self.extra_tensors: dict = {}
+        # what a checkpoint writes as loadable model files (set_model_for_checkpoints); None: state only
+        self._checkpoint_models: tuple | None = None
         if accelerator.is_main_process:
             remove_stale_temporaries(self.output_dir)
         self.resumed_from = resolve_resume_path(config.resume_from_checkpoint, self.output_dir)
@@ -85,6 +88,7 @@ class TrainingSession:
         self.stopped_early = False
         self.report_path: Path | None = None  # report.html, written by save_model
         self.steps_done = self.start_step
+        self.fp16_skipped_steps = 0  # overflowing fp16 steps the gradient scaler skipped
         self._stop = GracefulStop()
 
     # -- context: signals are caught only while the loop runs ---------------------------------
@@ -122,15 +126,20 @@ class TrainingSession:
         cfg = self.config
         loss = self.accelerator.reduce(loss.detach().float(), "sum")
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
-        if not (torch.isfinite(loss) and torch.isfinite(torch.tensor(grad_norm))):
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))  # fp16: unscales first
+        scaler = self.accelerator.scaler  # fp16 only: an overflowing gradient is the scaler's to skip
+        if not torch.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             where = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
+            hint = " (an fp16 forward overflowed: try --bf16)" if scaler is not None else ""
             raise NonFiniteLossError(f"step {step + 1}: loss {loss.item()} / grad norm {grad_norm} is not finite; "
-                                     f"the update was not applied and the run stopped{where}")
+                                     f"the update was not applied and the run stopped{where}{hint}")
         lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
-        self.optimizer.step()
-        self.scheduler.step()
+        self.optimizer.step()  # fp16: skipped on overflow, and the scaler lowers its scale
+        if self.accelerator.optimizer_step_was_skipped:
+            self.fp16_skipped_steps += 1  # as HF Trainer: no update, no schedule step, training goes on
+        else:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         took = self.timer.stop()
 
@@ -154,6 +163,7 @@ class TrainingSession:
                 "learning_rate": lr,
                 "grad_norm": averaged.pop("grad_norm"),
                 **averaged,
+                **self._fp16_metrics(),
                 "num_tokens": self.num_tokens,
                 "tokens_per_second": self._window_tokens / max(self._window_seconds, 1e-9),
                 "epoch": done / self.steps_per_epoch,
@@ -165,13 +175,42 @@ class TrainingSession:
             self.last_checkpoint = save_checkpoint(
                 self.accelerator, self.output_dir, done,
                 {"num_tokens": self.num_tokens, "elapsed_seconds": self.timer.elapsed, "extra": self.extra_state},
-                save_total_limit=cfg.save_total_limit, tensors=self.extra_tensors)
+                save_total_limit=cfg.save_total_limit, tensors=self.extra_tensors,
+                write_model=self._write_checkpoint_model if self._checkpoint_models else None)
         if self._stop.requested:
             self.accelerator.print(f"{self._stop.signal_name}: stopped after step {done}; checkpoint saved at "
                                    f"{self.last_checkpoint}. Resume with --resume_from_checkpoint latest")
             self.stopped_early = True
             return True
         return False
+
+    def _fp16_metrics(self) -> dict[str, float]:
+        """fp16 only: the scaler's current scale and the steps skipped for overflow so far (this process's
+        run; not carried over a resume)."""
+        if self.accelerator.scaler is None:
+            return {}
+        return {"fp16/loss_scale": float(self.accelerator.scaler.get_scale()),
+                "fp16/skipped_steps": self.fp16_skipped_steps}
+
+    # -- checkpoints a user can load ----------------------------------------------------------------
+    def set_model_for_checkpoints(self, model: torch.nn.Module, tokenizer, *,
+                                  extra: dict | None = None) -> None:
+        """Every checkpoint also holds `model` (the HF or peft model, as the final save writes it)
+        and `tokenizer`, so checkpoints/step-N loads with from_pretrained. `extra`: subdirectory ->
+        a model saved the same way, or a callable `write(dir)` (e.g. PPO's critic in value_model/)."""
+        self._checkpoint_models = (model, tokenizer, dict(extra or {}))
+
+    def _write_checkpoint_model(self, directory: Path) -> None:
+        from posttrain.models.saving import write_pretrained_files
+
+        model, tokenizer, extra = self._checkpoint_models
+        write_pretrained_files(model, tokenizer, directory)
+        for sub, item in extra.items():
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+            if isinstance(item, torch.nn.Module):
+                write_pretrained_files(item, tokenizer, directory / sub)
+            else:
+                item(directory / sub)
 
     # -- evaluation -------------------------------------------------------------------------------
     def maybe_evaluate(self, step: int, eval_steps: int, evaluate) -> None:

@@ -83,10 +83,10 @@ def prompt_text(prompt: Any) -> str:
 
 
 def _load_model(name: str | None, config: EvalConfig, device: torch.device):
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.models.loading import load_causal_lm, model_load_kwargs
 
-    model = load_causal_lm(name, dtype=config.dtype, attn_implementation=config.attn_implementation,
-                           trust_remote_code=config.trust_remote_code)
+    # model and baseline with the same load kwargs: a baseline equal to the model gives KL 0 exactly
+    model = load_causal_lm(name, **model_load_kwargs(config))
     return model.to(device).eval()
 
 
@@ -223,7 +223,7 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None, dataset=None, basel
     from posttrain.engine.console import format_config
     from posttrain.eval.kl_to_baseline import completion_logps
     from posttrain.eval.win_rate import load_judge
-    from posttrain.models.loading import load_tokenizer
+    from posttrain.models.loading import load_tokenizer, model_load_kwargs
     from posttrain.rollout.prompts import prepare_prompts
     from posttrain.rollout.rewards import load_reward_functions
 
@@ -247,7 +247,8 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None, dataset=None, basel
                                truncation_mode=config.truncation_mode)
 
     # what measures the completions
-    fns = load_reward_functions(config.reward_funcs, reward_model_path=config.reward_model_path)
+    fns = load_reward_functions(config.reward_funcs, reward_model_path=config.reward_model_path,
+                                model_kwargs=model_load_kwargs(config))
     if config.reward_weights is not None and len(config.reward_weights) != len(fns):
         raise EvalSetupError(f"--reward_weights has {len(config.reward_weights)} values for {len(fns)} reward functions")
     judge = load_judge(config.judge) if config.judge else None

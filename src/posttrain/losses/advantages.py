@@ -32,7 +32,8 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, *, scale: AdvantageScale = "group", eps: float = 1e-4
+    rewards: Tensor, group_size: int, *, scale: AdvantageScale = "group", eps: float = 1e-4,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath, outcome supervision).
 
@@ -50,9 +51,14 @@ def group_advantages(
     G = 1 (or N = 1 for ``batch``) the std is taken as 0.
 
     rewards: (N,), N = number of prompts × group_size, in consecutive groups; pass the rewards of
-    the whole step gathered over processes so every process normalises identically. Returns (N,),
-    detached, same dtype.
+    the whole step gathered over processes so every process normalises identically. valid:
+    optional (N,) bool, False for a sample with no reward at all (every reward function returned
+    None, pitfall 31): it gets advantage 0 and is left out of its group's mean and std (and of
+    the batch std); mean and Bessel std are then over the n_g valid samples of each group (std 0
+    when n_g <= 1). Returns (N,), detached, same dtype.
     """
+    if valid is not None and not bool(_valid_mask(valid, rewards).all()):
+        return _masked_group_advantages(rewards, group_size, _valid_mask(valid, rewards), scale, eps)
     grouped = _grouped(rewards, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "none":
@@ -70,7 +76,32 @@ def group_advantages(
     return (centred / (std + eps)).reshape(-1)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+def _valid_mask(valid: Tensor, rewards: Tensor) -> Tensor:
+    if valid.shape != rewards.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} and rewards {tuple(rewards.shape)} differ")
+    return valid.to(device=rewards.device, dtype=torch.bool)
+
+
+def _masked_group_advantages(rewards: Tensor, group_size: int, valid: Tensor, scale: str, eps: float) -> Tensor:
+    """group_advantages over the valid samples only; invalid ones get exactly 0."""
+    grouped, keep = _grouped(rewards, group_size), valid.view(-1, group_size)
+    w = keep.to(grouped.dtype)
+    n = w.sum(dim=1, keepdim=True)
+    mean = (grouped * w).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(keep, grouped - mean, torch.zeros_like(grouped))
+    if scale == "none":
+        return centred.reshape(-1)
+    if scale == "group":
+        std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    elif scale == "batch":
+        kept = rewards.detach()[valid]
+        std = kept.std() if kept.numel() > 1 else torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    else:
+        raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(ADVANTAGE_SCALES)}")
+    return (centred / (std + eps)).reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to Basics";
     Kool et al. 2019).
 
@@ -79,12 +110,21 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     is unbiased. Equivalently ``A_i = G/(G−1) · (r_i − mean_g r)``.
 
     rewards: (N,) in consecutive groups of ``group_size`` (>= 2; with one sample there is no one
-    left out). Returns (N,), detached. Note TRL's early RLOOTrainer laid groups out strided
-    (``(k, -1)``); posttrain always uses consecutive groups.
+    left out). valid: optional (N,) bool (pitfall 31): an invalid sample gets advantage 0 and is
+    left out of the others' baselines, ``A_i = r_i − mean_{j≠i, valid} r_j``; a valid sample with
+    no other valid one in its group has no baseline and gets 0. Returns (N,), detached. Note
+    TRL's early RLOOTrainer laid groups out strided (``(k, -1)``); posttrain always uses
+    consecutive groups.
     """
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
     grouped = _grouped(rewards, group_size)
+    if valid is not None and not bool(_valid_mask(valid, rewards).all()):
+        keep = _valid_mask(valid, rewards).view(-1, group_size)
+        w = keep.to(grouped.dtype)
+        others = w.sum(dim=1, keepdim=True) - w  # valid samples other than i
+        baseline = ((grouped * w).sum(dim=1, keepdim=True) - grouped * w) / others.clamp(min=1)
+        return torch.where(keep & (others > 0), grouped - baseline, torch.zeros_like(grouped)).reshape(-1)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - baseline).reshape(-1)
 

@@ -13,6 +13,22 @@ the three estimators of KL(q ‖ p) = E_q[log q/p] = E_q[−log r] are
   log r <= r − 1; low variance. The GRPO paper's KL term (Shao et al. 2024) and TRL's
   GRPO ``per_token_kl``.
 
+What their GRADIENTS estimate (pitfall 26). As a loss term the estimate is differentiated
+pathwise through ``logp`` at the SAMPLED tokens only (ref detached, no score-function term — how
+GRPO/TRL use it). With u = log q/p and ∇ log q(x) the score, Σ_x q ∇log q = ∇ Σ_x q = 0 gives:
+
+- k1: ``E_q[∇k1] = E_q[∇ log q] = 0``. A k1 LOSS term does nothing in expectation; k1 belongs in
+  the reward (RLOO, PPO, GRPO ``--kl_in reward``), where only its value is used.
+- k2: ``E_q[∇k2] = E_q[u ∇log q] = Σ_x u ∇q = ∇ KL(q ‖ p)`` — the reverse KL's exact gradient
+  (∇ Σ q u = Σ u ∇q + Σ q ∇u and Σ q ∇u = Σ q ∇log q = 0).
+- k3: ``E_q[∇k3] = E_q[(1 − p/q) ∇log q] = Σ_x (q − p) ∇log q = −Σ_x p ∇log q = ∇ KL(p ‖ q)`` —
+  the gradient of the FORWARD KL(π_ref ‖ π_θ), although its value estimates KL(π_θ ‖ π_ref).
+  The two KLs agree to second order at π_θ = π_ref, so their gradients agree to first order there.
+
+So a loss term may use k2 or k3 (``LOSS_KL_ESTIMATORS``); in an autoregressive model each is the
+gradient of the per-token KL given the sampled prefix (the effect on later tokens' distributions
+is not differentiated).
+
 Every one is 0 exactly when logp == ref_logp (pitfall 13: KL == 0 at step 0).
 """
 
@@ -25,6 +41,8 @@ from torch import Tensor
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+# estimators whose pathwise gradient is a KL gradient (module docstring): the only ones a loss may use
+LOSS_KL_ESTIMATORS: tuple[str, ...] = ("k2", "k3")
 
 
 def kl_estimate(

@@ -21,21 +21,65 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
+    # for tests that check an exact identity without fp32 rounding noise
+    "float64": torch.float64,
 }
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``auto`` -> bf16 on a CUDA device that supports it, else fp32; or float32|bfloat16|float16."""
+    """``auto`` -> fp32 (master weights: the precision policy, engine/precision.py, turns on
+    autocast where bf16 is fast); or float32|bfloat16|float16."""
     if isinstance(name, torch.dtype):
         return name
     key = str(name).lower().removeprefix("torch.")
     if key == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
         return torch.float32
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: auto, float32, bfloat16, float16")
     return _DTYPES[key]
+
+
+def weights_dtype(config) -> str:
+    """The dtype every model of a run is loaded in (pitfall 23: trained weights stay fp32).
+
+    Training: fp32, except --low_precision_master_weights (pure --dtype bfloat16) and --use_peft with
+    --dtype bfloat16/float16 (the frozen base in that dtype; trainable parameters are upcast to fp32
+    by :func:`upcast_trainable_parameters`). Evaluation (a config without the flag): --dtype as
+    given, auto = bf16 on a bf16 GPU, else fp32 (nothing is trained)."""
+    if resolve_dtype(config.dtype) == torch.float64:
+        return "float64"  # exactness tests: every model in double precision, no autocast
+    low = resolve_dtype(config.dtype) != torch.float32
+    if not hasattr(config, "low_precision_master_weights"):
+        if str(config.dtype).lower() == "auto":
+            return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        return str(config.dtype)
+    if low and (config.low_precision_master_weights or getattr(config, "use_peft", False)):
+        return str(config.dtype)
+    return "float32"
+
+
+def model_load_kwargs(config, source: str | None = None) -> dict:
+    """dtype, attn_implementation and trust_remote_code from the run's config, for EVERY model it
+    loads (policy, reference, reward, value, eval baseline): equal load settings are what make
+    policy == reference give KL 0 and DPO ln 2 exactly. --model_revision applies only to the
+    policy's own source (another repo has other revisions)."""
+    kwargs = {"dtype": weights_dtype(config), "attn_implementation": config.attn_implementation,
+              "trust_remote_code": config.trust_remote_code}
+    if source == config.model_name_or_path and getattr(config, "model_revision", None) is not None:
+        kwargs["revision"] = config.model_revision
+    return kwargs
+
+
+def upcast_trainable_parameters(model, log=print) -> None:
+    """fp32 master weights for every trainable parameter (a bf16 model passed from Python, a LoRA
+    adapter or score head on a bf16 base); frozen ones keep their dtype."""
+    # fp64 stays fp64 (exactness tests run in double precision)
+    low = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    for p in low:
+        p.data = p.data.float()
+    if low:
+        log(f"precision: {len(low)} trainable tensors upcast to fp32 master weights "
+            "(--low_precision_master_weights true keeps them in bf16)")
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -171,6 +215,10 @@ def _load_adapter_dir(path: Path, *, dtype, attn_implementation, trust_remote_co
         trust_remote_code=trust_remote_code,
         gradient_checkpointing=gradient_checkpointing,
     )
+    if hasattr(base, "peft_config"):
+        # the base is itself an adapter dir: this adapter was trained on top of that one merged
+        # (--adapter_start merge), so merge it first, then attach this one
+        base = base.merge_and_unload()
     if gradient_checkpointing:
         base.enable_input_require_grads()  # pitfall 21
     return PeftModel.from_pretrained(base, str(path), is_trainable=True)

@@ -176,12 +176,22 @@ def token_logprobs_from_hidden(
     return logp, (entropy if with_entropy else None), (correct if with_accuracy else None)
 
 
+def full_weight(weight: Tensor) -> Tensor:
+    """The whole matrix of a parameter that may be sharded. Under FSDP2, outside the forward of the
+    module that owns it, a parameter is a DTensor shard (e.g. a tied lm_head after the backbone's
+    forward resharded it); ``full_tensor()`` all-gathers it, and its backward reduce-scatters the
+    gradient back onto the shard (pitfall 28). Plain tensors pass through."""
+    full = getattr(weight, "full_tensor", None)
+    return full() if callable(full) else weight
+
+
 def _head_logprobs(head: nn.Module, scale: float, softcap: float | None, temperature: float, wants: tuple):
     """Fallback per-chunk function for heads we cannot fuse (bias, LoRA-wrapped, softcapping)."""
     with_entropy, with_accuracy = wants
 
     def fn(h: Tensor, t: Tensor):
-        z = head(h).float()
+        z = head(h)
+        z = z.to(_compute_dtype(z.dtype))  # fp32 (fp64 stays fp64)
         if scale != 1.0:
             z = z * scale
         if softcap is not None:
@@ -233,6 +243,11 @@ class LogProbModel(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+
+    @property
+    def _no_split_modules(self):
+        # accelerate's FSDP auto-wrap reads the prepared module's layer classes (the decoder layers)
+        return getattr(_unwrap_peft(self.model), "_no_split_modules", None)
 
     # The parts are looked up on every call (cheap) so peft's disable_adapter(), merges and
     # accelerate's device placement are always seen as they are now.
@@ -316,7 +331,7 @@ class LogProbModel(nn.Module):
         if fusable:
             lp, ent, cor = token_logprobs_from_hidden(
                 h,
-                head.weight,
+                full_weight(head.weight),
                 y,
                 chunk_size=self.chunk_size,
                 temperature=temperature,
@@ -335,8 +350,9 @@ class LogProbModel(nn.Module):
             return full.index_copy(0, idx, values.to(fill_dtype)).view(b, t1)
 
         result = {
-            "logps": scatter(lp, torch.float32),
-            "entropy": scatter(ent, torch.float32),
+            # fp32 (fp64 stays fp64, so exactness tests can run in double precision)
+            "logps": scatter(lp, _compute_dtype(lp.dtype)),
+            "entropy": scatter(ent, _compute_dtype(lp.dtype)),
             "correct": scatter(cor, torch.bool),
         }
         if return_hidden:
@@ -391,7 +407,7 @@ class LogProbModel(nn.Module):
                 (y.new_zeros(0, dtype=torch.bool) if with_accuracy else None),
             )
         return (
-            torch.cat(lps).float(),
+            torch.cat(lps).to(_compute_dtype(h.dtype)),
             torch.cat(ents) if with_entropy else None,
             torch.cat(cors) if with_accuracy else None,
         )

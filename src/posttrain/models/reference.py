@@ -1,13 +1,19 @@
-"""The frozen reference policy of KL-regularised methods (DPO, KTO, and later PPO/GRPO), in three modes:
+"""The frozen reference policy of KL-regularised methods (DPO, KTO, PPO, GRPO, RLOO, Online DPO), in
+four modes:
 
 - ``separate``: its own copy of the weights (``--ref_model_name_or_path``, default the starting model);
-- ``adapter_disabled``: with LoRA, the policy itself with its adapter switched off — no second copy;
+- ``adapter_disabled``: a fresh LoRA (its B matrices exactly 0), the policy itself with its adapter
+  switched off — no second copy;
+- ``reference_adapter``: the policy started from a trained adapter (a chained LoRA stage,
+  pitfall 24): a frozen copy of that adapter beside the trained one on the same base, activated
+  for scoring — the starting policy, not the bare base, at the cost of one adapter;
 - ``cached``: per-example log-probs computed once before training by one of the above and stored on
   disk (keyed by a hash of the reference weights, the tokenised data and the settings), so the
   reference never sits in memory during training and later runs on the same data reuse the file.
 
 At step 0 the policy equals the reference in every mode, so DPO's loss is ln 2 and every implicit
-reward is 0 (pitfall 10, tested for each mode).
+reward is 0 (pitfall 10, tested for each mode). The reference is always scored in eval mode (no
+dropout, pitfall 25), and the policy's modes and adapter are given back afterwards.
 """
 
 from __future__ import annotations
@@ -22,16 +28,20 @@ import torch
 from torch import nn
 
 from posttrain.models.default_model import cache_root
+from posttrain.models.dropout import disable_dropout, eval_mode
 from posttrain.models.logprobs import LogProbModel
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+from posttrain.models.lora import (
+    REFERENCE_ADAPTER,
+    adapter_active,
+    adapter_is_identity,
+    add_reference_adapter,
+    is_peft_model,
+)
 
 
 class ReferencePolicy:
     """Token log-probs under the reference, with no gradient. ``mode`` is one of
-    ``separate`` / ``adapter_disabled``."""
+    ``separate`` / ``adapter_disabled`` / ``reference_adapter``."""
 
     def __init__(self, mode: str, scorer: LogProbModel | None = None) -> None:
         self.mode = mode
@@ -47,24 +57,34 @@ class ReferencePolicy:
         if prefix is not None:
             kwargs["prefix"] = prefix
         if self.mode == "separate":
-            return self.scorer(input_ids, **kwargs)["logps"]
-        was_training = policy_scorer.training
-        policy_scorer.eval()  # no dropout in the reference
-        try:
-            with policy_scorer.model.disable_adapter():
-                return policy_scorer(input_ids, **kwargs)["logps"]
-        finally:
-            policy_scorer.train(was_training)
+            with eval_mode(self.scorer):
+                return self.scorer(input_ids, **kwargs)["logps"]
+        peft_model = policy_scorer.model
+        if self.mode == "adapter_disabled":
+            switch = peft_model.disable_adapter()
+        elif self.mode == "reference_adapter":
+            switch = adapter_active(peft_model, REFERENCE_ADAPTER)
+        else:
+            raise ValueError(f"unknown reference mode {self.mode!r}")
+        with eval_mode(policy_scorer), switch:  # no dropout in the reference (pitfall 25)
+            return policy_scorer(input_ids, **kwargs)["logps"]
 
 
 def build_reference(policy_model: nn.Module, *, ref_model_name_or_path: str | None,
                     load: Callable[[str], nn.Module], chunk_size: int, device,
                     log: Callable[[str], None] = print) -> ReferencePolicy:
     """Pick the reference mode: a named reference model is always separate weights; otherwise a
-    LoRA policy uses its adapter-disabled self; otherwise a frozen copy of the starting policy."""
-    if ref_model_name_or_path is None and _is_peft(policy_model):
-        log("reference: the policy with its LoRA adapter disabled (no second copy in memory)")
-        return ReferencePolicy("adapter_disabled")
+    LoRA policy is its own reference — with a fresh adapter, its adapter-disabled self; started from
+    a trained adapter, a frozen copy of that adapter on the same base (pitfall 24); otherwise a
+    frozen copy of the starting policy. Call it before the first update."""
+    if ref_model_name_or_path is None and is_peft_model(policy_model):
+        if adapter_is_identity(policy_model):
+            log("reference: the policy with its LoRA adapter disabled (no second copy in memory)")
+            return ReferencePolicy("adapter_disabled")
+        add_reference_adapter(policy_model)
+        log(f"reference: the starting adapter, frozen as a second adapter {REFERENCE_ADAPTER!r} on the same base "
+            "(the policy you started from; no second copy of the base)")
+        return ReferencePolicy("reference_adapter")
     if ref_model_name_or_path is not None:
         ref = load(ref_model_name_or_path)
         log(f"reference: separate weights from {ref_model_name_or_path}")
@@ -73,6 +93,7 @@ def build_reference(policy_model: nn.Module, *, ref_model_name_or_path: str | No
         log("reference: separate frozen copy of the starting policy")
     ref.eval()
     ref.requires_grad_(False)
+    disable_dropout(ref)  # eval mode already; also if a caller puts it in train mode
     return ReferencePolicy("separate", LogProbModel(ref.to(device), chunk_size=chunk_size))
 
 

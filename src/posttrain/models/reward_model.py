@@ -28,7 +28,9 @@ from posttrain.models.loading import (
     _check_safetensors_dir,
     _resolve_source,
     enable_gradient_checkpointing,
+    model_load_kwargs,
     resolve_dtype,
+    upcast_trainable_parameters,
 )
 
 
@@ -245,16 +247,21 @@ class RewardModelReward:
     __name__ = "reward_model"
 
     def __init__(self, path: str | None, device: str | torch.device | None = None, batch_size: int = 16,
-                 *, dtype: str = "auto", max_length: int | None = None, model: nn.Module | None = None,
+                 *, dtype: str = "auto", attn_implementation: str | None = None, trust_remote_code: bool = False,
+                 autocast: str = "no", max_length: int | None = None, model: nn.Module | None = None,
                  tokenizer=None):
+        """dtype / attn_implementation / trust_remote_code / autocast ("no" | "bf16" | "fp16"): the
+        policy's, as the online recipes pass them (models/loading.model_load_kwargs)."""
         from posttrain.models.loading import load_tokenizer
 
         self.device = torch.device(device) if device is not None else _default_device()
         self.batch_size = batch_size
         self.max_length = max_length
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
         if model is None:
-            model = load_reward_model(path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id,
+            model = load_reward_model(path, dtype=dtype, attn_implementation=attn_implementation,
+                                      trust_remote_code=trust_remote_code, pad_token_id=self.tokenizer.pad_token_id,
                                       is_trainable=False)
             if hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()  # a LoRA reward model: fold the adapter in once
@@ -291,7 +298,9 @@ class RewardModelReward:
             for r, i in enumerate(chunk):
                 ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
                 mask[r, :len(seqs[i])] = 1
-            out = self.scorer(ids.to(self.device), attention_mask=mask.to(self.device))
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.autocast_dtype is not None):
+                out = self.scorer(ids.to(self.device), attention_mask=mask.to(self.device))
             for i, v in zip(chunk, out.tolist()):
                 scores[i] = float(v)
         return scores
@@ -305,9 +314,7 @@ def prepare_reward_model_for_training(config, model=None, tokenizer=None, log=pr
 
     pad = None if tokenizer is None else tokenizer.pad_token_id
     if model is None:
-        model = load_reward_model(config.model_name_or_path, dtype=config.dtype,
-                                  attn_implementation=config.attn_implementation, revision=config.model_revision,
-                                  trust_remote_code=config.trust_remote_code,
+        model = load_reward_model(config.model_name_or_path, **model_load_kwargs(config, config.model_name_or_path),
                                   gradient_checkpointing=config.gradient_checkpointing, pad_token_id=pad)
     else:
         model = as_reward_model(model, pad)
@@ -317,6 +324,12 @@ def prepare_reward_model_for_training(config, model=None, tokenizer=None, log=pr
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=config.lora_target_modules,
                            gradient_checkpointing=config.gradient_checkpointing, task_type="SEQ_CLS")
+    if getattr(config, "disable_dropout", True):
+        from posttrain.models.dropout import disable_dropout
+
+        disable_dropout(model)  # as the policy (models/setup.py): reward recipe and PPO's critic
+    if not getattr(config, "low_precision_master_weights", False):
+        upcast_trainable_parameters(model, log)  # pitfall 23: fp32 master weights (score head too)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {type(_unwrap_peft(model)).__name__} (score head: 1 output), dtype "

@@ -94,30 +94,39 @@ def save_pretrained_model(
         raise ValueError("posttrain writes safetensors only (pickle checkpoints can run code on load)")
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = unwrap_model(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        config = getattr(model, "config", None)
-        training_use_cache = getattr(config, "use_cache", None)
-        if config is not None and training_use_cache is False:
-            config.use_cache = True  # off only for gradient checkpointing; inference wants it
-        try:
-            if _is_peft(model) and merge_adapter:
-                merged = copy.deepcopy(model).merge_and_unload()
-                merged.save_pretrained(tmp)
-                del merged
-            else:
-                model.save_pretrained(tmp)
-        finally:
-            if config is not None and training_use_cache is not None:
-                config.use_cache = training_use_cache
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_pretrained_files(model, tokenizer, tmp, merge_adapter=merge_adapter)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_pretrained_files(model: nn.Module, tokenizer, directory: Path, *, merge_adapter: bool = False) -> None:
+    """The files of :func:`save_pretrained_model`, written straight into ``directory`` (no
+    swap): for a caller that makes the whole directory atomic itself, e.g. a checkpoint."""
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    training_use_cache = getattr(config, "use_cache", None)
+    if config is not None and training_use_cache is False:
+        config.use_cache = True  # off only for gradient checkpointing; inference wants it
+    try:
+        if _is_peft(model) and merge_adapter:
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(directory)
+            del merged
+        elif _is_peft(model):
+            # the trained (active) adapter only: never the frozen reference copy beside it
+            model.save_pretrained(directory, selected_adapters=[model.active_adapter])
+        else:
+            model.save_pretrained(directory)
+    finally:
+        if config is not None and training_use_cache is not None:
+            config.use_cache = training_use_cache
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

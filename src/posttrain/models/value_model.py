@@ -131,6 +131,7 @@ def load_value_model(config, *, policy_model: nn.Module | None, tokenizer, log=p
     ``--model_name_or_path``) with a fresh value head. A reward LoRA adapter is merged into its base
     first; with ``--use_peft`` the critic gets its own LoRA (score head trained in full). Call it
     before LoRA is applied to ``policy_model``."""
+    from posttrain.models.loading import model_load_kwargs
     from posttrain.models.reward_model import (
         load_reward_model,
         prepare_reward_model_for_training,
@@ -144,8 +145,7 @@ def load_value_model(config, *, policy_model: nn.Module | None, tokenizer, log=p
         log("critic: separate value model from the starting policy's weights (fresh value head)")
     else:
         source = source if source is not None else config.model_name_or_path
-        model = load_reward_model(source, dtype=config.dtype, attn_implementation=config.attn_implementation,
-                                  trust_remote_code=config.trust_remote_code,
+        model = load_reward_model(source, **model_load_kwargs(config, source),
                                   gradient_checkpointing=config.gradient_checkpointing, pad_token_id=pad)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()  # a LoRA reward model: the critic trains on the merged weights

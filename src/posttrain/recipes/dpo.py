@@ -116,7 +116,8 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
     from posttrain.data.preference_collate import collate_preference
     from posttrain.data.preference_loading import load_preference_data
     from posttrain.losses.preference import REFERENCE_FREE_LOSSES, get_preference_loss
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, check_packing_support
     from posttrain.models.reference import ReferencePolicy, build_reference, weights_fingerprint
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
@@ -137,8 +138,7 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
     policy = LogProbModel(model, chunk_size=config.logprob_chunk_size)
 
     def load_ref(path: str):
-        return load_causal_lm(path, dtype=config.dtype, attn_implementation=config.attn_implementation,
-                              trust_remote_code=config.trust_remote_code)
+        return load_causal_lm(path, **model_load_kwargs(config, path))
 
     reference: ReferencePolicy | None = None
     if needs_reference:
@@ -153,18 +153,20 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
                                         device=device, log=log)
     else:
         log(f"reference: none ({', '.join(config.loss_type)} is reference-free)")
+    autocast_reference(reference, accelerator)  # the policy's autocast: ln 2 exactly at step 0
 
     pad_id = tokenizer.pad_token_id
     cached_train = cached_eval = None
     if reference is not None and config.precompute_ref_log_probs:
         policy.to(device)
         ref_weights = reference.scorer.model if reference.mode == "separate" else model
-        key = weights_fingerprint(ref_weights) + f"|{reference.mode}"
+        key = weights_fingerprint(ref_weights) + f"|{reference.mode}|{accelerator.mixed_precision}"
         common = {"pad_token_id": pad_id, "padding_free": config.padding_free, "device": device,
                   "batch_size": config.per_device_eval_batch_size, "cache_key_model": key, "log": log}
-        cached_train = _precompute_reference(train, reference, policy, **common)
-        if held_out:
-            cached_eval = _precompute_reference(held_out, reference, policy, **common)
+        with accelerator.autocast():  # the policy is not prepared (autocast) yet
+            cached_train = _precompute_reference(train, reference, policy, **common)
+            if held_out:
+                cached_eval = _precompute_reference(held_out, reference, policy, **common)
         del ref_weights  # else this name keeps the separate reference model alive
         if reference.mode == "separate":
             reference.scorer = None  # the cache replaces it: free its memory for training
@@ -206,6 +208,7 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
 
     eval_metrics: dict[str, float] = {}
     with TrainingSession(accelerator, config, policy, total_steps=steps, steps_per_epoch=plan.steps_per_epoch) as run:
+        run.set_model_for_checkpoints(run.unwrapped().model, tokenizer)  # checkpoints load with from_pretrained
         if held_out and run.start_step == 0:
             run.metrics.log(0, evaluate(run))  # the baseline the run is judged against
         for step in run.steps():

@@ -10,7 +10,8 @@ advantages A_i = (r_i - mean_group r) / std (per --scale_rewards), each completi
     rho_t = pi(y_t | ...) / pi_old(y_t | ...)
 
 aggregated per --loss_type (grpo: per-sequence mean; dapo: token mean over the whole optimizer
-step; dr_grpo: sum / (completions x max_completion_length); bnpo: token mean per micro-batch).
+step; dr_grpo: sum / (completions x max_completion_length); bnpo: each micro-batch's token mean,
+averaged over the step's micro-batches on every process).
 The completions' token ids are used exactly as sampled (never decoded and re-encoded); text is
 decoded only for reward functions and logs.
 """
@@ -25,6 +26,7 @@ import torch
 
 from posttrain.config import GRPOConfig
 from posttrain.engine.batching import BatchPlan, total_steps
+from posttrain.engine.gathering import rows_everywhere, scores_everywhere
 from posttrain.engine.sequence_batches import batch_to_device
 from posttrain.engine.session import TrainingSession
 from posttrain.engine.setup import start_run
@@ -102,6 +104,28 @@ def _sampler_step(config: GRPOConfig) -> tuple[int, int]:
     return per_process // config.num_generations, config.per_device_train_batch_size
 
 
+def _check_kl_and_penalty(config: GRPOConfig, method: str) -> None:
+    """Where the KL goes and with which estimator (pitfall 26; losses/kl.py): a LOSS term is
+    differentiated, so it needs an estimator whose gradient is a KL gradient (k2, k3: k1's
+    expected gradient is 0); in the REWARD only its value counts (k1, k3: unbiased)."""
+    from posttrain.config import ConfigError
+    from posttrain.losses.kl import LOSS_KL_ESTIMATORS
+
+    if config.kl_in not in ("loss", "reward"):
+        raise ConfigError(f"--kl_in {config.kl_in!r}: expected loss or reward")
+    if method == "rloo" and config.kl_in != "reward":
+        raise ConfigError("RLOO folds the KL into the reward: --kl_in must be reward")
+    if config.beta > 0 and config.kl_in == "loss" and config.kl_estimator not in LOSS_KL_ESTIMATORS:
+        raise ConfigError(
+            f"--kl_estimator {config.kl_estimator!r} cannot be a loss term (--kl_in loss): "
+            + ("k1's expected gradient is zero, so the KL penalty would do nothing. " if config.kl_estimator == "k1" else "")
+            + "Use k3 or k2 in the loss, or --kl_in reward with k1 or k3")
+    if config.beta > 0 and config.kl_in == "reward" and config.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"--kl_estimator {config.kl_estimator!r} in the reward: expected k1 or k3 (unbiased)")
+    if config.missing_eos_penalty is not None and config.missing_eos_penalty < 0:
+        raise ConfigError(f"--missing_eos_penalty must be >= 0, got {config.missing_eos_penalty}")
+
+
 def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_funcs=None) -> GRPOResult:
     """Train `model` with GRPO on the prompts of `dataset` (default: config.dataset_name), rewarded
     by `reward_funcs` (callables `fn(prompts, completions, **columns) -> list[float]`) plus those
@@ -112,23 +136,26 @@ def grpo(config: GRPOConfig, model=None, tokenizer=None, dataset=None, reward_fu
 def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None, dataset=None,
                     reward_funcs=None) -> GRPOResult:
     """The group-sampling loop shared by GRPO (`method="grpo"`: group-normalised advantages, KL
-    as a per-token loss term) and RLOO (`method="rloo"`: KL folded into the reward with k1,
-    leave-one-out baseline)."""
+    as a per-token loss term or, with --kl_in reward, in the reward) and RLOO (`method="rloo"`:
+    KL folded into the reward, leave-one-out baseline)."""
     from posttrain.losses.advantages import group_advantages, rloo_advantages
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import aggregate_policy_loss, clipped_policy_loss
     from posttrain.losses.reductions import masked_sum
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel
+    from posttrain.models.dropout import eval_mode
     from posttrain.models.reference import build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
-    from posttrain.rollout.generation import make_backend
+    from posttrain.rollout.generation import make_backend, rollout_seeds
     from posttrain.rollout.prompts import load_prompts
     from posttrain.rollout.rewards import reward_functions_for, reward_inputs, score_completions
 
     prompts_per_process, micro_size = _sampler_step(config)
     if config.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo"):
         raise ValueError(f"--loss_type {config.loss_type!r}: expected grpo, dr_grpo, dapo or bnpo")
+    _check_kl_and_penalty(config, method)
     accelerator = start_run(config)
     log = accelerator.print
     device = accelerator.device
@@ -145,10 +172,11 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     if config.beta > 0:
         reference = build_reference(
             model, ref_model_name_or_path=config.ref_model_name_or_path,
-            load=lambda p: load_causal_lm(p, dtype=config.dtype, trust_remote_code=config.trust_remote_code),
+            load=lambda p: load_causal_lm(p, **model_load_kwargs(config, p)),
             chunk_size=config.logprob_chunk_size, device=device, log=log)
     else:
         log("reference: none (--beta 0: no KL term, no reference model loaded)")
+    autocast_reference(reference, accelerator)  # the policy's autocast: KL 0 exactly at the start
     backend = make_backend(config.generation_backend, model, tokenizer, stop_tokens=config.stop_token or [])
 
     plan = BatchPlan(units=[[i] for i in range(len(prompts))], micro_batch_size=prompts_per_process,
@@ -173,19 +201,26 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
         rollout = backend.generate([e.prompt_ids for e in examples], num_generations=config.num_generations,
                                    max_completion_length=config.max_completion_length,
                                    temperature=config.temperature, top_p=config.top_p,
-                                   top_k=config.top_k or None, seed=config.seed * 100_003 + step)
+                                   top_k=config.top_k or None,
+                                   seed=rollout_seeds(config.seed, step, accelerator.process_index * len(examples),
+                                                      len(examples)))
         r_prompts, r_completions, columns = reward_inputs(examples, rollout, tokenizer)
         scores = score_completions(fns, config.reward_weights, r_prompts, r_completions, columns)
         rewards = scores.total.float()
-        groups = rewards.view(-1, config.num_generations)
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
-        metrics = {**scores.metrics(),
+        if config.missing_eos_penalty is not None:
+            # a cut completion is scored as if it had ended (a reward model sees the chat template
+            # close the turn), so it pays the penalty instead (TRL's missing_eos_penalty)
+            rewards = rewards - config.missing_eos_penalty * truncated.float()
+        # logged over the whole step: every process's completions, not this one's
+        groups = rows_everywhere(accelerator, rewards).view(-1, config.num_generations)
+        metrics = {**scores_everywhere(accelerator, scores).metrics(),
                    "reward_std": groups.std(dim=1).mean().item() if config.num_generations > 1 else 0.0,
                    "frac_reward_zero_std": (groups.std(dim=1) == 0).float().mean().item()
                    if config.num_generations > 1 else 1.0,
-                   "completions/mean_length": lengths.mean().item(),
-                   "completions/clipped_ratio": truncated.float().mean().item()}
+                   "completions/mean_length": rows_everywhere(accelerator, lengths).mean().item(),
+                   "completions/clipped_ratio": rows_everywhere(accelerator, truncated).float().mean().item()}
         micro_batches, slices = [], []
         for start in range(0, len(rollout), micro_size):
             sl = slice(start, start + micro_size)
@@ -196,27 +231,39 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
             batch = batch_to_device(batch, device)
             with torch.no_grad():
                 kwargs = _scorer_kwargs(batch, config.temperature)
-                if config.num_iterations > 1 or method == "rloo":
-                    # the sampling policy's log-probs, fixed for every pass over this rollout
-                    batch["old_logps"] = run.unwrapped()(batch["input_ids"], **kwargs)["logps"]
+                if config.num_iterations > 1 or method == "rloo" or (config.kl_in == "reward" and reference is not None):
+                    # the sampling policy's log-probs, fixed for every pass over this rollout; in
+                    # eval mode: "old" is the policy itself, not one dropout draw of it (pitfall 25)
+                    with eval_mode(run.unwrapped()):
+                        batch["old_logps"] = run.unwrapped()(batch["input_ids"], **kwargs)["logps"]
                 if reference is not None:
                     batch["ref_logps"] = reference.token_logps(run.unwrapped(), batch["input_ids"], **kwargs)
             micro_batches.append(batch)
             slices.append(sl)
-        if method == "rloo":
-            # RLOO: the KL (k1, summed over the completion) is folded into the reward, then the
-            # leave-one-out baseline: A_i = r_i - mean_{j != i} r_j
-            seq_kl = torch.cat([((b["old_logps"] - b["ref_logps"]) * b["completion_mask"]).sum(-1).cpu()
+        if config.kl_in == "reward":
+            # the KL of the sampling policy, summed over the completion, folded into the reward
+            # (RLOO always; GRPO with --kl_in reward): only its value counts, so k1 is fine here
+            seq_kl = torch.cat([masked_sum(kl_estimate(b["old_logps"], b["ref_logps"], config.kl_estimator,
+                                                       mask=b["completion_mask"]), b["completion_mask"], -1).cpu()
                                 for b in micro_batches]) if reference is not None else torch.zeros_like(rewards)
-            shaped = rewards - config.beta * seq_kl
-            advantages = rloo_advantages(shaped, config.num_generations)
-            metrics.update({"kl": seq_kl.mean().item(), "rlhf_reward": shaped.mean().item()})
+            rewards = rewards - config.beta * seq_kl
+            metrics.update({"kl": rows_everywhere(accelerator, seq_kl).mean().item(),
+                            "rlhf_reward": rows_everywhere(accelerator, rewards).mean().item()})
+        # a completion with no reward at all (every function returned None) gets advantage 0 and
+        # stays out of its group's baseline (pitfall 31)
+        valid = scores.valid
+        if method == "rloo":
+            # the leave-one-out baseline: A_i = r_i - mean_{j != i} r_j
+            advantages = rloo_advantages(rewards, config.num_generations, valid=valid)
         elif config.scale_rewards == "batch":
             # the std over the whole step on every process; the mean stays per group
             gathered = accelerator.gather(rewards.to(device)).float().cpu()
-            advantages = group_advantages(rewards, config.num_generations, scale="none") / (gathered.std() + 1e-4)
+            if valid is not None and not valid.all():
+                gathered = gathered[rows_everywhere(accelerator, valid)]
+            std = gathered.std() if gathered.numel() > 1 else torch.zeros(())
+            advantages = group_advantages(rewards, config.num_generations, scale="none", valid=valid) / (std + 1e-4)
         else:
-            advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
+            advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards, valid=valid)
         for batch, sl in zip(micro_batches, slices):
             batch["advantages"] = advantages[sl].to(device)
         return StepRollouts(micro_batches, metrics)
@@ -224,6 +271,7 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     current: StepRollouts | None = None
     with TrainingSession(accelerator, config, policy, total_steps=steps,
                          steps_per_epoch=plan.steps_per_epoch * config.num_iterations) as run:
+        run.set_model_for_checkpoints(run.unwrapped().model, tokenizer)  # checkpoints load with from_pretrained
         for step in run.steps():
             if current is None and step % config.num_iterations != 0:
                 # resumed between two passes over one rollout: the checkpoint carries it
@@ -249,7 +297,7 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
                     old = batch.get("old_logps", logps.detach())  # one pass: ratio == 1 exactly
                     per_token, stats = clipped_policy_loss(logps, old, batch["advantages"], mask,
                                                            epsilon_low=config.epsilon, epsilon_high=config.epsilon_high)
-                    if reference is not None and method == "grpo":  # RLOO has its KL in the reward
+                    if reference is not None and config.kl_in == "loss":  # else the KL is in the reward
                         kl = kl_estimate(logps, batch["ref_logps"], config.kl_estimator, mask=mask)
                         per_token = per_token + config.beta * kl
                         sums["kl"] += float((kl.detach() * mask).sum())
@@ -257,8 +305,11 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
                         per_token, mask, loss_type=config.loss_type, max_completion_length=config.max_completion_length,
                         num_items_in_batch=max(n_tokens, 1.0), num_sequences_in_batch=max(n_seqs, 1.0))
                     if config.loss_type == "bnpo":
-                        loss = loss / len(batches)  # bnpo is a per-micro-batch mean by definition
-                    loss = loss * run.world_size
+                        # the mean of each micro-batch's token mean over the step's K x W micro-batches:
+                        # 1/K here, 1/W from DDP's gradient average (TRL's bnpo); never x world size
+                        loss = loss / len(batches)
+                    else:
+                        loss = loss * run.world_size  # a global normaliser; DDP averages gradients
                     run.backward(loss)
                 step_loss += loss.detach() / run.world_size
                 sums["entropy"] += float(masked_sum(out["entropy"], mask))
@@ -267,7 +318,7 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
                 # tokens in the trained sequences, prompt included (each prompt is computed once)
                 step_tokens += int(batch["attention_mask"].sum() + batch["prefix_mask"].sum(-1)[batch["prefix_index"]].sum())
             metrics = {key: run.global_sum(v) / max(n_tokens, 1) for key, v in sums.items()}
-            if reference is None or method == "rloo":
+            if reference is None or config.kl_in == "reward":
                 metrics.pop("kl")
             metrics.update(current.metrics)
             if (step + 1) % config.num_iterations == 0:

@@ -68,8 +68,10 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
     from posttrain.data.preference_collate import collate_unpaired
     from posttrain.data.preference_loading import load_preference_data
     from posttrain.losses.kto import kto_loss
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, check_packing_support
+    from posttrain.models.dropout import eval_mode
     from posttrain.models.reference import ReferencePolicy, build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
 
@@ -94,9 +96,9 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
     else:
         reference = build_reference(
             model, ref_model_name_or_path=config.ref_model_name_or_path,
-            load=lambda p: load_causal_lm(p, dtype=config.dtype, attn_implementation=config.attn_implementation,
-                                          trust_remote_code=config.trust_remote_code),
+            load=lambda p: load_causal_lm(p, **model_load_kwargs(config, p)),
             chunk_size=config.logprob_chunk_size, device=device, log=log)
+    autocast_reference(reference, accelerator)  # the policy's autocast: the identity holds exactly
     pad_id = tokenizer.pad_token_id
 
     def collate(examples):
@@ -107,8 +109,9 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
 
     cached: dict[str, torch.Tensor] | None = None
     if config.precompute_ref_log_probs:
-        cached = _precompute(train, train_kl, held_out, eval_kl, reference, policy.to(device), collate, ref_sums,
-                             config, log)
+        with accelerator.autocast():  # the policy is not prepared (autocast) yet
+            cached = _precompute(train, train_kl, held_out, eval_kl, reference, policy.to(device), collate,
+                                 ref_sums, config, log, accelerator.mixed_precision)
         if reference.mode == "separate":
             reference.scorer = None  # the cache replaces it
 
@@ -135,7 +138,7 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
         """z₀ over all of a step's examples (no grad): the mean policy − reference log-prob of their
         mismatched pairs, clamped at 0; also returns each micro-batch's batches and reference sums."""
         prepared, total, count = [], 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(scorer):  # a reference point, not one dropout draw (pitfall 25)
             for indices in micro:
                 batch = collate([examples[i] for i in indices])
                 kl_batch = collate([kl_examples[i] for i in indices])
@@ -185,6 +188,7 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
 
     eval_metrics: dict[str, float] = {}
     with TrainingSession(accelerator, config, policy, total_steps=steps, steps_per_epoch=plan.steps_per_epoch) as run:
+        run.set_model_for_checkpoints(run.unwrapped().model, tokenizer)  # checkpoints load with from_pretrained
         if held_out and run.start_step == 0:
             run.metrics.log(0, evaluate(run))
         for step in run.steps():
@@ -220,7 +224,7 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
                      stopped_early=run.stopped_early, eval_metrics=eval_metrics)
 
 
-def _precompute(train, train_kl, held_out, eval_kl, reference, policy, collate, ref_sums, config, log):
+def _precompute(train, train_kl, held_out, eval_kl, reference, policy, collate, ref_sums, config, log, precision):
     """Reference sums of every example and of its mismatched pair, cached on disk."""
     from posttrain.models.reference import (
         data_fingerprint,
@@ -232,7 +236,8 @@ def _precompute(train, train_kl, held_out, eval_kl, reference, policy, collate, 
 
     ref_weights = reference.scorer.model if reference.mode == "separate" else policy.model
     seqs = [ids for group in (train, train_kl, held_out, eval_kl) for e in group for ids in (e.prompt_ids, e.completion_ids)]
-    path = reference_cache_path(weights_fingerprint(ref_weights) + f"|{reference.mode}", data_fingerprint(seqs),
+    path = reference_cache_path(weights_fingerprint(ref_weights) + f"|{reference.mode}|{precision}",
+                                data_fingerprint(seqs),
                                 {"kind": "kto", "sizes": [len(train), len(held_out)]})
     cached = load_cached(path)
     if cached is not None:

@@ -121,11 +121,12 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     reference (separate weights); default: the starting policy (LoRA: the adapter disabled)."""
     from posttrain.losses.preference import get_preference_loss
     from posttrain.losses.reductions import masked_sum
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, SharedPrefix
     from posttrain.models.reference import ReferencePolicy, build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
-    from posttrain.rollout.generation import make_backend
+    from posttrain.rollout.generation import make_backend, rollout_seeds
     from posttrain.rollout.prompts import load_prompts
     from posttrain.rollout.rewards import reward_functions_for, reward_inputs, score_completions
 
@@ -148,8 +149,9 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     else:
         reference = build_reference(
             model, ref_model_name_or_path=config.ref_model_name_or_path,
-            load=lambda p: load_causal_lm(p, dtype=config.dtype, trust_remote_code=config.trust_remote_code),
+            load=lambda p: load_causal_lm(p, **model_load_kwargs(config, p)),
             chunk_size=config.logprob_chunk_size, device=device, log=log)
+    autocast_reference(reference, accelerator)  # the policy's autocast: KL 0 exactly at the start
     backend = make_backend(config.generation_backend, model, tokenizer, stop_tokens=config.stop_token or [])
 
     pairs_per_micro = config.per_device_train_batch_size
@@ -175,7 +177,9 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
         rollout = backend.generate([e.prompt_ids for e in examples], num_generations=2,
                                    max_completion_length=config.max_completion_length,
                                    temperature=config.temperature, top_p=config.top_p,
-                                   top_k=config.top_k or None, seed=config.seed * 100_003 + step)
+                                   top_k=config.top_k or None,
+                                   seed=rollout_seeds(config.seed, step, accelerator.process_index * len(examples),
+                                                      len(examples)))
         r_prompts, r_completions, columns = reward_inputs(examples, rollout, tokenizer)
         scored = score_completions(fns, config.reward_weights, r_prompts, r_completions, columns)
         has_eos = ~torch.tensor(rollout.truncated, dtype=torch.bool)
@@ -201,6 +205,7 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
         return StepPairs(micro_batches, sums, per_fn)
 
     with TrainingSession(accelerator, config, policy, total_steps=steps, steps_per_epoch=plan.steps_per_epoch) as run:
+        run.set_model_for_checkpoints(run.unwrapped().model, tokenizer)  # checkpoints load with from_pretrained
         for step in run.steps():
             pairs = collect(step)
             batches = pairs.micro_batches

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from posttrain.config import PPOConfig
 from posttrain.engine.batching import BatchPlan, total_steps
+from posttrain.engine.gathering import own_rows, rows_everywhere, scores_everywhere
 from posttrain.engine.sequence_batches import batch_to_device
 from posttrain.engine.session import TrainingSession
 from posttrain.engine.setup import start_run
@@ -144,18 +146,32 @@ def _check(config: PPOConfig) -> tuple[int, int]:
     return per_process // config.num_generations, mini
 
 
+def _whiten_everywhere(accelerator, values: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+    """Whitening with the mean and variance of the whole step (every process), so W processes
+    give the advantages one process would on the same rollouts; this process's rows back."""
+    from posttrain.losses.advantages import whiten
+
+    if accelerator.num_processes == 1:
+        return whiten(values, mask, shift_mean=shift_mean)
+    n, width = values.shape
+    everywhere = whiten(rows_everywhere(accelerator, values), rows_everywhere(accelerator, mask),
+                        shift_mean=shift_mean)
+    return own_rows(accelerator, everywhere, n, width)
+
+
 def _optimizer_update(run: TrainingSession, step: int, update: int) -> None:
     """An update inside an iteration. The iteration's last one goes through run.finish_step,
     which also advances the LR schedule, logs and checkpoints."""
     clip = run.config.max_grad_norm if run.config.max_grad_norm > 0 else float("inf")
     grad_norm = float(run.accelerator.clip_grad_norm_(run.params, clip))
-    if not math.isfinite(grad_norm):
+    if not math.isfinite(grad_norm) and run.accelerator.scaler is None:  # fp16: the scaler skips it
         from posttrain.errors import NonFiniteLossError
 
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"step {step + 1}, update {update + 1}: grad norm {grad_norm} is not finite; "
                                  "the update was not applied and the run stopped")
     run.optimizer.step()
+    run.fp16_skipped_steps += int(run.accelerator.optimizer_step_was_skipped)
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -163,12 +179,14 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
     """Train `model` (default: config.model_name_or_path) with PPO on the prompts of `dataset`
     (default: config.dataset_name), scored by config.reward_model_path and/or reward functions
     (callables `fn(prompts, completions, **columns) -> list[float]`, plus config.reward_funcs)."""
-    from posttrain.losses.advantages import gae, kl_penalized_rewards, whiten
+    from posttrain.losses.advantages import gae, kl_penalized_rewards
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import clipped_policy_loss, explained_variance, value_loss
     from posttrain.losses.reductions import aggregate_token_loss, masked_sum
-    from posttrain.models.loading import load_causal_lm
+    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel
+    from posttrain.models.dropout import eval_mode
     from posttrain.models.reference import build_reference
     from posttrain.models.saving import save_pretrained_model
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
@@ -178,7 +196,7 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
         save_value_head,
         value_head_for,
     )
-    from posttrain.rollout.generation import make_backend
+    from posttrain.rollout.generation import make_backend, rollout_seeds
     from posttrain.rollout.prompts import load_prompts
     from posttrain.rollout.rewards import reward_functions_for, reward_inputs, score_completions
 
@@ -205,10 +223,11 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
     if config.kl_coef > 0:
         reference = build_reference(
             model, ref_model_name_or_path=config.ref_model_name_or_path,
-            load=lambda p: load_causal_lm(p, dtype=config.dtype, trust_remote_code=config.trust_remote_code),
+            load=lambda p: load_causal_lm(p, **model_load_kwargs(config, p)),
             chunk_size=config.logprob_chunk_size, device=device, log=log)
     else:
         log("reference: none (--kl_coef 0: no KL penalty, no reference model loaded)")
+    autocast_reference(reference, accelerator)  # the policy's autocast: KL 0 exactly at the start
     backend = make_backend(config.generation_backend, model, tokenizer, stop_tokens=config.stop_token or [])
 
     # ---- batch plan: one step = one PPO iteration
@@ -235,7 +254,9 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
         rollout = backend.generate([e.prompt_ids for e in examples], num_generations=config.num_generations,
                                    max_completion_length=config.max_completion_length,
                                    temperature=config.temperature, top_p=config.top_p,
-                                   top_k=config.top_k or None, seed=config.seed * 100_003 + step)
+                                   top_k=config.top_k or None,
+                                   seed=rollout_seeds(config.seed, step, accelerator.process_index * len(examples),
+                                                      len(examples)))
         r_prompts, r_completions, columns = reward_inputs(examples, rollout, tokenizer)
         scored = score_completions(fns, config.reward_weights, r_prompts, r_completions, columns)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
@@ -254,7 +275,9 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
             c_ids = [rollout.completion_ids[i] for i in rows.tolist()]
             batch = batch_to_device(_completion_batch(p_ids, c_ids, pad_id), device)
             target = batch["completion_mask"][:, 1:].bool()
-            with torch.no_grad():
+            # eval mode: the old log-probs and values are the policy and critic themselves, not
+            # one dropout draw of them, so the first mini-batch's ratio is exactly 1 (pitfall 25)
+            with torch.no_grad(), eval_mode(scorer):
                 out = scorer(batch["input_ids"], batch["attention_mask"], target_mask=target,
                              temperature=config.temperature, with_entropy=True)
                 ref = out["logps"] if reference is None else reference.token_logps(
@@ -269,9 +292,9 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
         kl = kl_estimate(fields["old_logps"], fields["ref_logps"], config.kl_estimator, mask=mask)
         rewards = kl_penalized_rewards(scores, kl, mask, beta=config.kl_coef)
         if config.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = _whiten_everywhere(accelerator, rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, fields["old_values"], mask, gamma=config.gamma, lam=config.lam)
-        advantages = whiten(advantages, mask)
+        advantages = _whiten_everywhere(accelerator, advantages, mask)
 
         # per-completion means over every process, from the same masked tensors the loss uses
         seq_kl = (kl * mask).sum(1)
@@ -282,13 +305,18 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
                 "objective/entropy": masked_sum(fields["entropy"], mask),
                 "completions/mean_length": mask.sum(), "completions/clipped_ratio": truncated.sum()}
         metrics = {k: run.global_sum(float(v)) / count for k, v in sums.items()}
-        metrics["val/explained_variance"] = float(explained_variance(fields["old_values"], returns, mask))
-        metrics.update({k: v for k, v in scored.metrics().items() if k.startswith("rewards/")})
+        metrics["val/explained_variance"] = float(explained_variance(
+            *(rows_everywhere(accelerator, t) for t in (fields["old_values"], returns, mask))))
+        metrics.update({k: v for k, v in scores_everywhere(accelerator, scored).metrics().items()
+                        if k.startswith("rewards/")})
         return PPORollout(rollout.prompt_ids, rollout.completion_ids, mask, fields["old_logps"],
                           fields["old_values"], advantages, returns, order, metrics)
 
     with TrainingSession(accelerator, config, module, total_steps=steps,
                          steps_per_epoch=plan.steps_per_epoch) as run:
+        trained = run.unwrapped()  # checkpoints hold the policy, and the critic in value_model/
+        run.set_model_for_checkpoints(trained.policy.model, tokenizer, extra={"value_model": trained.critic.model
+                                      if trained.critic is not None else partial(save_value_head, trained.value_head)})
         for step in run.steps():
             rollout = collect(run, step)
             step_loss = torch.zeros((), device=device)

@@ -201,6 +201,7 @@ def reward(config: RewardConfig, model=None, tokenizer=None, dataset=None, eval_
     eval_metrics: dict[str, float] | None = None
     with TrainingSession(accelerator, config, RewardScorer(model), total_steps=steps,
                          steps_per_epoch=plan.steps_per_epoch) as run:
+        run.set_model_for_checkpoints(run.unwrapped().model, tokenizer)  # checkpoints load with from_pretrained
 
         def evaluate() -> dict[str, float]:
             return _evaluate(run, eval_examples, config, padding_free, tokenizer.pad_token_id)

@@ -111,6 +111,7 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
     scorer = LogProbModel(model, chunk_size=config.logprob_chunk_size)
     with TrainingSession(accelerator, config, scorer, total_steps=steps,
                          steps_per_epoch=plan.steps_per_epoch) as run:
+        run.set_model_for_checkpoints(run.unwrapped().model, tokenizer)  # checkpoints load with from_pretrained
         for step in run.steps():
             micro_batches = [
                 _examples_to_batch([examples[i] for i in mb], padding_free, tokenizer.pad_token_id, accelerator.device)

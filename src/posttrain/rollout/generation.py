@@ -98,10 +98,11 @@ class GenerationBackend(Protocol):
         top_p: float,
         top_k: int | None,
         stop_token_ids: list[int],
-        seed: int | None,
+        seed: int | list[int] | None,
     ) -> Rollout:
         """``num_generations`` completions per prompt (consecutive). ``stop_token_ids`` are
-        added to the backend's own stop ids (the model's eos ids)."""
+        added to the backend's own stop ids (the model's eos ids). ``seed``: one seed for the
+        call, or one per prompt (:func:`rollout_seeds`: each prompt's own random stream)."""
         ...
 
     def sync_weights(self, model: nn.Module) -> None:
@@ -110,6 +111,16 @@ class GenerationBackend(Protocol):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def rollout_seeds(seed: int, step: int, first_position: int, n: int) -> list[int]:
+    """One sampling seed per prompt of a step: a function of (run seed, step, the prompt's position
+    in the whole step), so resume re-samples exactly, a prompt's completions do not depend on how
+    the step is split over processes (1 process x 2B == 2 processes x B, sample for sample), and
+    two processes given the same prompt draw different completions (pitfall 27). Process r owns
+    positions [r * n, (r + 1) * n) (BatchPlan order)."""
+    base = (seed * 100_003 + step) * 1_000_003
+    return [base + first_position + i for i in range(n)]
 
 
 def unwrap_for_generation(model: nn.Module) -> nn.Module:
@@ -182,6 +193,20 @@ def resolve_stop_token_ids(model: nn.Module, tokenizer=None, extra: list[int] | 
     return list(dict.fromkeys(ids))
 
 
+def gathered_for_generation(model: nn.Module):
+    """Under DeepSpeed ZeRO-3 every parameter is a partition, gathered by hooks around each
+    submodule's forward — per generated token. Gather them once for the whole rollout instead
+    (deepspeed.zero.GatheredParameters; pitfall 28). A no-op without ZeRO-3 parameters."""
+    from contextlib import nullcontext
+
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed  # only ZeRO-3 parameters carry ds_id, so deepspeed is installed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
@@ -236,9 +261,12 @@ class HFGenerationBackend:
         top_p: float = 1.0,
         top_k: int | None = None,
         stop_token_ids: list[int] = (),
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> Rollout:
         _check_args(prompt_ids, num_generations, max_completion_length, temperature, top_p, top_k)
+        per_prompt = isinstance(seed, (list, tuple))
+        if per_prompt and len(seed) != len(prompt_ids):
+            raise ValueError(f"{len(seed)} seeds for {len(prompt_ids)} prompts")
         stop_ids = self.stop_token_ids(list(stop_token_ids))
         if not stop_ids:
             raise ValueError(
@@ -249,8 +277,9 @@ class HFGenerationBackend:
         self.model.eval()  # no dropout while sampling; the train/eval state is restored below
         device = _device_of(self.model)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-                if seed is not None:
+            with (gathered_for_generation(self.model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+                  torch.inference_mode()):
+                if seed is not None and not per_prompt:
                     torch.manual_seed(seed)
                 step = self.batch_size or len(prompt_ids)
                 parts = [
@@ -264,6 +293,7 @@ class HFGenerationBackend:
                         top_k,
                         stop_ids,
                         device,
+                        seed[s : s + step] if per_prompt else None,
                     )
                     for s in range(0, len(prompt_ids), step)
                 ]
@@ -281,7 +311,7 @@ class HFGenerationBackend:
         )
 
     def _generate_batch(
-        self, prompts, offset, num_generations, max_new, temperature, top_p, top_k, stop_ids, device
+        self, prompts, offset, num_generations, max_new, temperature, top_p, top_k, stop_ids, device, seeds=None
     ) -> Rollout:
         pad = self._pad_id(stop_ids)
         width = max(len(p) for p in prompts)
@@ -314,6 +344,8 @@ class HFGenerationBackend:
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         live = torch.arange(rows, device=device)  # which original row each batch row is
+        # per-prompt seeds: prompt k's G rows draw from their own stream (pitfall 27)
+        streams = None if seeds is None else [torch.Generator(device).manual_seed(int(x)) for x in seeds]
         for t in range(max_new):
             scores = logits.float()
             for warp in warpers:
@@ -324,7 +356,12 @@ class HFGenerationBackend:
                 # exponential race (argmax p / E, E ~ Exp(1)) == a draw from p; the noise is drawn for
                 # every original row, so a row's sample does not depend on which others have stopped.
                 # -log U is Exp(1) and ~6x cheaper on CPU than Tensor.exponential_ (not vectorised).
-                noise = torch.rand((rows, scores.shape[-1]), device=device).log_().neg_()[live]
+                if streams is None:
+                    uniform = torch.rand((rows, scores.shape[-1]), device=device)
+                else:
+                    uniform = torch.cat([torch.rand((num_generations, scores.shape[-1]), generator=g, device=device)
+                                         for g in streams])
+                noise = uniform.log_().neg_()[live]
                 sampled = (step_logps.exp() / noise).argmax(dim=-1)
             else:
                 sampled = scores.argmax(dim=-1)

@@ -8,12 +8,16 @@ A reward function is any callable ``fn(prompts, completions, **columns) -> list[
 - ``columns``: the dataset's other fields (e.g. ``answer``), one list entry per completion, plus
   ``completion_ids`` (the sampled token ids). A function without ``**kwargs`` gets only the
   columns it names as parameters.
-- it returns one value per completion; ``None`` means "not applicable to this sample" (it counts
-  0 in the total and is left out of that function's mean).
+- it returns one value per completion; ``None`` means "not applicable to this sample" (TRL's
+  semantics): it is left out of that sample's weighted sum and of that function's metrics. A
+  sample for which EVERY function returned None has no reward at all (``RewardScores.valid``
+  False, with a warning): the recipes give it advantage 0 and leave it out of its group's
+  baseline (pitfall 31).
 
-The total reward is ``sum_k w_k * r_k`` (``--reward_weights``, default 1 each). The metric
-``reward`` is that weighted total; ``rewards/<name>/mean`` are the functions' UNWEIGHTED means over
-the samples they apply to (pitfall 18) — docs/rollout.md.
+The total reward is ``sum_k w_k * r_k`` over the functions that apply (``--reward_weights``,
+default 1 each). The metric ``reward`` is that weighted total over the samples that have one;
+``rewards/<name>/mean`` are the functions' UNWEIGHTED means over the samples they apply to
+(pitfall 18) — docs/rollout.md.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,13 +250,23 @@ def _load_callable(spec: str) -> RewardFunction:
     return obj
 
 
-def _reward_model(path: str) -> RewardFunction:
+def _reward_model(path: str, model_kwargs: dict | None = None) -> RewardFunction:
     from posttrain.models.reward_model import RewardModelReward  # heavy: only when asked for
 
-    return RewardModelReward(path)
+    return RewardModelReward(path, **(model_kwargs or {}))
 
 
-def load_reward_functions(specs: list[str], *, reward_model_path: str | None = None) -> list[RewardFunction]:
+def reward_model_kwargs(config) -> dict:
+    """The policy's dtype, attn_implementation, trust_remote_code and autocast, for a reward model
+    a run loads (engine/precision.py)."""
+    from posttrain.engine.precision import resolve_precision
+    from posttrain.models.loading import model_load_kwargs
+
+    return {**model_load_kwargs(config), "autocast": resolve_precision(config).autocast}
+
+
+def load_reward_functions(specs: list[str], *, reward_model_path: str | None = None,
+                          model_kwargs: dict | None = None) -> list[RewardFunction]:
     """``--reward_funcs`` entries -> callables, in order.
 
     An entry is a built-in (``accuracy`` | ``accuracy=<column>``, ``format`` | ``format=<regex>``,
@@ -267,7 +282,7 @@ def load_reward_functions(specs: list[str], *, reward_model_path: str | None = N
         if name in BUILTINS:
             fns.append(BUILTINS[name](arg if eq else None))
         elif Path(spec).is_dir():
-            fns.append(_reward_model(spec))
+            fns.append(_reward_model(spec, model_kwargs))
         elif ":" in spec:
             fns.append(_load_callable(spec))
         else:
@@ -276,7 +291,7 @@ def load_reward_functions(specs: list[str], *, reward_model_path: str | None = N
                 "or a reward model directory"
             )
     if reward_model_path is not None:
-        fns.append(_reward_model(reward_model_path))
+        fns.append(_reward_model(reward_model_path, model_kwargs))
     return fns
 
 
@@ -286,7 +301,8 @@ def reward_functions_for(config, passed: list | None) -> list[RewardFunction]:
     ``config.reward_funcs``, then ``config.reward_model_path``; one ``config.reward_weights`` each."""
     from posttrain.config import ConfigError
 
-    fns = list(passed or []) + load_reward_functions(config.reward_funcs, reward_model_path=config.reward_model_path)
+    fns = list(passed or []) + load_reward_functions(config.reward_funcs, reward_model_path=config.reward_model_path,
+                                                     model_kwargs=reward_model_kwargs(config))
     if not fns:
         raise ConfigError("no reward function: pass --reward_funcs module:function (or a built-in: accuracy, "
                           "format, length_penalty) and/or --reward_model_path RM_DIR (a `posttrain reward` output)")
@@ -299,14 +315,16 @@ def reward_functions_for(config, passed: list | None) -> list[RewardFunction]:
 
 @dataclass
 class RewardScores:
-    """``total`` (N,) = sum_k w_k * r_k (None counted as 0); ``per_fn[name]`` (N,) unweighted
-    values (0 where not applicable); ``applicable[name]`` (N,) bool. Unpacks as
-    ``total, per_fn = score_completions(...)``."""
+    """``total`` (N,) = sum_k w_k * r_k over the functions that apply to each sample (0 where none
+    does); ``per_fn[name]`` (N,) unweighted values (0 where not applicable); ``applicable[name]``
+    (N,) bool; ``valid`` (N,) bool: at least one function applies (else the sample has no reward:
+    advantage 0, out of the baseline). Unpacks as ``total, per_fn = score_completions(...)``."""
 
     total: Tensor
     per_fn: dict[str, Tensor]
     applicable: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    valid: Tensor | None = None  # None: every sample has a reward
 
     def __iter__(self) -> Iterator:
         return iter((self.total, self.per_fn))
@@ -314,10 +332,11 @@ class RewardScores:
     def metrics(self) -> dict[str, float]:
         """``reward`` / ``reward_std``: the weighted total, as the advantages see it;
         ``rewards/<name>/mean`` / ``std``: each function unweighted, over the samples it applies to
-        (NaN when it applied to none)."""
+        (NaN when it applied to none). Samples without any reward are left out of ``reward``."""
+        total = self.total if self.valid is None else self.total[self.valid]
         out = {
-            "reward": self.total.mean().item(),
-            "reward_std": self.total.std().item() if self.total.numel() > 1 else 0.0,
+            "reward": total.mean().item() if total.numel() else math.nan,
+            "reward_std": total.std().item() if total.numel() > 1 else 0.0,
         }
         for name, values in self.per_fn.items():
             v = values[self.applicable[name]] if name in self.applicable else values
@@ -447,8 +466,15 @@ def score_completions(
                 )
             values[i], mask[i] = f, True
         per_fn[name], applicable[name] = values, mask
-        total += w * values
-    return RewardScores(total=total, per_fn=per_fn, applicable=applicable, weights=dict(zip(names, weights)))
+        total += w * values  # 0 where not applicable: left out of the sum
+    valid = torch.stack(list(applicable.values())).any(dim=0)
+    if not valid.all():
+        first = int((~valid).nonzero()[0])
+        warnings.warn(f"{int((~valid).sum())} of {n} completions got None from every reward function (e.g. sample "
+                      f"{first}, completion {_short(completions[first])}): no reward, so advantage 0 and left out "
+                      "of their group's baseline", stacklevel=2)
+    return RewardScores(total=total, per_fn=per_fn, applicable=applicable, weights=dict(zip(names, weights)),
+                        valid=valid)
 
 
 def reward_inputs(examples: list, rollout, tokenizer) -> tuple[list, list, dict[str, list]]:
