@@ -80,7 +80,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="= --sizes quick")
     ap.add_argument("--wait_quiet", type=float, default=300,
                     help="seconds each side waits for other processes to leave the CPUs idle")
-    ap.add_argument("--results", default=str(HERE / "results" / "all.json"))
+    ap.add_argument("--results_dir", default=str(HERE / "results"),
+                    help="where all.json and each row's <method>[-bf16][-ckpt][-quick].json go")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if any(m not in METHODS for m in methods):
@@ -98,7 +99,7 @@ def main() -> int:
         size = sizes if sizes != "auto" else (
             "full" if peak[f"{precision}_gflops"] >= 0.5 * peak["fp32_gflops"] else "quick")
         for method in methods:
-            out = results_path(method, precision, ckpt)
+            out = Path(args.results_dir) / results_path(method, precision, ckpt).name
             if size == "quick":
                 out = out.with_name(out.stem + "-quick.json")
             cmd = [sys.executable, str(HERE / f"bench_{method}.py"), "--precision", precision,
@@ -123,7 +124,7 @@ def main() -> int:
                    "target_ratio": target, "trl_peak_rss_gib": t and t.get("peak_rss_gib"),
                    "posttrain_peak_rss_gib": p and p.get("peak_rss_gib"), "rss_ratio": mem,
                    "trl_mfu": t and t.get("mfu"), "posttrain_mfu": p and p.get("mfu"),
-                   "results": str(out.relative_to(HERE.parent)), "minutes": minutes}
+                   "results": str(out), "minutes": minutes}
             rows.append(row)
             table.append([method.upper(), f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}",
                           "on" if ckpt else "off", size, unit, fmt(row["trl"], ".3g"), fmt(row["posttrain"], ".3g"),
@@ -143,9 +144,10 @@ def main() -> int:
                  header, table, width=200)
     if failed:
         print(f"FAILED: {', '.join(failed)} (see the output above)")
-    write_results(args.results, {**result_header("all", command=True, peak=peak), "rows": rows,
+    all_json = Path(args.results_dir) / "all.json"
+    write_results(all_json, {**result_header("all", command=True, peak=peak), "rows": rows,
                                  "failed": failed, "total_minutes": total})
-    print(f"\nresults: {args.results}")
+    print(f"\nresults: {all_json}")
     return 1 if failed else 0
 
 

@@ -62,7 +62,7 @@ from harness import (  # noqa: E402
     write_results,
 )
 
-TARGET_SPEEDUP = 2.0  # posttrain steps/s >= 2x TRL's ...
+TARGET_SPEEDUP = 3.0  # posttrain steps/s >= 3x TRL's in the same precision (issue 11) ...
 TARGET_MEMORY = 0.5  # ... and peak RSS <= 0.5x TRL's
 LN2 = math.log(2.0)
 LOSS0_TOLERANCE = 1e-4  # the step-0 loss is ln 2 exactly when the policy equals the reference

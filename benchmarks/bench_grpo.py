@@ -57,7 +57,7 @@ from harness import (  # noqa: E402
 )
 from harness import ratio as ratio_of  # noqa: E402
 
-TARGET_SPEEDUP = 2.0  # posttrain completions/s >= 2x TRL's (CPU)
+TARGET_SPEEDUP = 2.5  # posttrain completions/s >= 2.5x TRL's in the same precision (issue 11)
 LABELS = {"trl": "TRL GRPOTrainer", "posttrain": "posttrain grpo"}
 
 

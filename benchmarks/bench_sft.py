@@ -52,7 +52,7 @@ from harness import (  # noqa: E402
 from harness import ratio as ratio_of  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # posttrain tokens/s >= 3x TRL's
-TARGET_MEMORY = 0.5  # posttrain peak RSS <= 0.5x TRL's
+TARGET_MEMORY = 0.35  # posttrain peak RSS <= 0.35x TRL's in the same precision (issue 11)
 LOSS_TOLERANCE = 0.05  # step-0 losses should agree within 5 %
 
 
@@ -195,7 +195,9 @@ def main() -> int:
     for side, label in (("trl", "TRL"), ("posttrain", "posttrain")):
         err = sides.get(side, {}).get("first_loss_reference_error")
         if err is not None:
-            targets.append((f"{label} step-1 loss = recomputation (0.5%)", f"{err:+.2%}",
+            # the recomputation is fp32: in a bf16 row the gap includes bf16 autocast's rounding
+            how = "fp32 recomputation of a bf16 run" if args.precision == "bf16" else "recomputation"
+            targets.append((f"{label} step-1 loss = {how} (0.5%)", f"{err:+.2%}",
                             check(abs(err), lambda v: v <= 0.005)))
     print_tables(title, list(header), table, targets, width=110)
     warn_contention([t, p])

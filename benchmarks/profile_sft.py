@@ -27,7 +27,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import workload  # noqa: E402
-from harness import default_model_dir, machine_peak, mfu, model_flops, model_params, print_peak  # noqa: E402
+from harness import (  # noqa: E402
+    cpu_busy_seconds,
+    default_model_dir,
+    machine_peak,
+    mfu,
+    model_flops,
+    model_params,
+    print_peak,
+)
 
 HEAD_FORWARD = "posttrain: log-prob head forward"
 CATEGORIES = (  # (category, op names), first match wins; self CPU time
@@ -105,12 +113,19 @@ def main() -> int:
         return stop
 
     logprobs.token_logprobs_from_hidden, TrainingSession.finish_step = head, finish_step
+    import resource
+    import time
+
+    busy0, own0, t0 = cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     try:
         with prof:
             sft(config)
     finally:
         logprobs.token_logprobs_from_hidden, TrainingSession.finish_step = original_head, original_finish
 
+    own1, busy1, wall = resource.getrusage(resource.RUSAGE_SELF), cpu_busy_seconds(), time.perf_counter() - t0
+    own = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
+    other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - own) / wall)
     events = prof.key_averages()
     profiled = max(args.steps - 1, 1)
     self_total = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -137,7 +152,8 @@ def main() -> int:
     print(f"\nposttrain sft, {args.precision}{' + grad ckpt' if args.gradient_checkpointing else ''}, "
           f"batch {args.batch_size} x packed {args.max_length}: {profiled} profiled steps, "
           f"{step_seconds:.2f} CPU-profiled s/step, {steady_tokens:.0f} tokens/step, "
-          f"MFU {fmt_pct(achieved)} of the {args.precision} peak ({peak[args.precision + '_gflops']:.1f} GFLOP/s)")
+          f"MFU {fmt_pct(achieved)} of the {args.precision} peak ({peak[args.precision + '_gflops']:.1f} GFLOP/s); "
+          f"other processes used {other if other is None else round(other, 2)} cores meanwhile")
     print("\nphases (CPU total per step, s):")
     for k, v in phases.items():
         print(f"  {k:<45}{v:8.3f}  {v / step_seconds:6.1%}")
@@ -150,6 +166,7 @@ def main() -> int:
     summary = {"precision": args.precision, "batch_size": args.batch_size, "max_length": args.max_length,
                "gradient_checkpointing": args.gradient_checkpointing, "profiled_steps": profiled,
                "tokens_per_step": steady_tokens, "profiled_step_seconds": step_seconds, "mfu": achieved,
+               "other_cores_busy_during": other,
                "matmul_peak": peak, "phases": phases, "categories": cats, "top_ops": top}
     out = Path(args.out or HERE / "results" / f"profile-sft-{args.precision}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,13 @@ def metrics(out: Path) -> list[dict]:
 NOT_COMPARED = {"tokens_per_second", "elapsed_seconds", "step", "epoch", "learning_rate"}
 
 
-def assert_same_row(a: dict, b: dict) -> None:
+# A gradient norm computed over shards (FSDP2) sums each parameter's m squares in another blocking:
+# a reordered fp32 sum drifts like sqrt(m) * 2^-24 (random rounding); m <= 49152 x 32 (the tied
+# embedding), x 4 for safety: ~3e-4.
+SHARDED_NORM_REL = 4 * (49152 * 32) ** 0.5 * 2.0**-24
+
+
+def assert_same_row(a: dict, b: dict, loose: dict | None = None) -> None:
     assert set(a) == set(b), set(a) ^ set(b)
     for key in sorted(set(a) - NOT_COMPARED):
         x, y = a[key], b[key]
@@ -96,7 +102,7 @@ def assert_same_row(a: dict, b: dict) -> None:
             assert y != y, key
             continue
         scale = max(abs(x), abs(y), 1e-3)  # near-zero metrics (e.g. a mean advantage): absolute
-        assert abs(x - y) <= REL * scale, (key, x, y)
+        assert abs(x - y) <= (loose or {}).get(key, REL) * scale, (key, x, y)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -131,6 +131,36 @@ def test_autocast_uses_the_autocast_dtype_consistently():
     torch.testing.assert_close(w1.grad, w2.grad, rtol=0.02, atol=0.05)
 
 
+def test_autocast_casts_the_head_weight_once_per_call_not_per_chunk():
+    """Under bf16 autocast the fp32 (V, H) head weight becomes bf16 once per call, and the backward
+    reuses that copy: a per-chunk cast would read and write the whole matrix once per chunk (28 M
+    parameters for SmolLM2's head). chunk_size 1 gives N chunks, so any per-chunk cast shows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountHeadCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (V, H) \
+                    and args[0].dtype != out.dtype:
+                self.casts += 1
+            return out
+
+    hidden, weight, targets = _data()
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    with CountHeadCasts() as forward:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, _, _ = token_logprobs_from_hidden(h, w, targets, chunk_size=1)
+    with CountHeadCasts() as backward:
+        logp.sum().backward()
+    assert forward.casts == 1
+    # the fp32-accumulated gradient to the bf16 copy's dtype, then autograd's back to the fp32 leaf
+    assert backward.casts == 2
+
+
 def test_no_full_logits_saved_for_backward():
     """Autograd keeps hidden, weight, targets and N log-sum-exps: nothing of size N x V."""
     n, h, v = 64, 8, 1000

@@ -19,6 +19,7 @@ from posttrain.models.reward_model import (
     reward_model_from_causal_lm,
 )
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, EXACT64_REL
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_last_token_index_from_mask_and_lengths():
 def test_pitfall_09_reward_read_at_last_real_token(tokenizer, sequences):
     """Scores are the same one at a time, in a batch of 8 with right or left padding, and
     padding-free; reading at a pad position (or by HF's pad-id rule, pad == eos here) differs."""
-    model = _tiny_rm(tokenizer)
+    model = _tiny_rm(tokenizer).double()  # an identity: float64 (tolerances: tests/numerics.py)
     scorer = RewardScorer(model)
     pad = tokenizer.pad_token_id
     with torch.no_grad():
@@ -77,14 +78,12 @@ def test_pitfall_09_reward_read_at_last_real_token(tokenizer, sequences):
         left = scorer(*_padded(sequences, pad, "left"))
         flat = torch.tensor([[t for s in sequences for t in s]])
         free = scorer(flat, seq_lens=[len(s) for s in sequences])
-    assert single.dtype == torch.float32 and single.shape == (8,)
-    # fp32 round-off only (measured: <= 3e-7 on scores of size ~0.5)
-    torch.testing.assert_close(right, single, atol=1e-6, rtol=0)
-    torch.testing.assert_close(left, single, atol=1e-6, rtol=0)
-    torch.testing.assert_close(free, single, atol=1e-6, rtol=0)
+    assert single.dtype == torch.float64 and single.shape == (8,)
+    for batched in (right, left, free):
+        torch.testing.assert_close(batched, single, atol=EXACT64_ABS, rtol=EXACT64_REL)
 
     # The test can fail: the score at the first pad after a short sequence is another number
-    # (close, since that pad is the same <|im_end|> id, but >= 50x the tolerance above) ...
+    # (close, since that pad is the same <|im_end|> id, but far outside the tolerance above) ...
     ids, mask = _padded(sequences, pad, "right")
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state

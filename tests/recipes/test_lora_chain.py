@@ -43,6 +43,9 @@ from posttrain.demo.tasks import generate, generate_preferences, generate_unpair
 from tests.conftest import make_tiny_llama
 
 MODES = ["continue", "merge"]
+# merge mode of the recipes after DPO in make test-slow (CI runs both): the same reference path
+# (a fresh LoRA, adapter disabled) that DPO's merge case and the recipes' own pitfall-10/13 tests cover
+MODES_SLOW_MERGE = ["continue", pytest.param("merge", marks=pytest.mark.slow)]
 # fp32 loss: ln 2 rounded to fp32 (≤ 3e-8) plus a mean of ≤ 8 equal fp32 terms (≤ 8 · 2^-24 · ln 2 ≈ 3.3e-7)
 LN2_TOL = 1e-6
 
@@ -117,7 +120,7 @@ def test_pitfall_24_dpo_and_ipo_from_an_sft_adapter(tmp_path, tokenizer, sft_ada
     assert _rows(result.output_dir)[0]["eval/rewards/accuracies"] == 0.5  # the step-0 evaluation too
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SLOW_MERGE)
 def test_pitfall_24_kto_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, mode):
     """Step 0: r = 0 and z₀ = 0, so each loss is weight × (1 − σ(0)) = w/2."""
     train, _ = generate_unpaired(seed=23, n_train=8, n_eval=0)
@@ -129,7 +132,7 @@ def test_pitfall_24_kto_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, mo
     assert first["kl"] == 0.0 and first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SLOW_MERGE)
 def test_pitfall_24_grpo_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, mode):
     """Two passes over the rollout (old log-probs computed, not copied): the first pass has ratio
     exactly 1 (no token clipped at ε = 1e-6) and KL to the reference exactly 0."""
@@ -142,7 +145,7 @@ def test_pitfall_24_grpo_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, m
     assert first["clip_ratio/low"] == 0.0 and first["clip_ratio/high"] == 0.0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SLOW_MERGE)
 def test_pitfall_24_rloo_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, mode):
     _, prompts = generate(seed=2, n_train=0, n_eval=4)
     cfg = RLOOConfig(**_common(tmp_path, "rloo", sft_adapter[1], mode), beta=0.5, per_device_train_batch_size=8,
@@ -153,22 +156,28 @@ def test_pitfall_24_rloo_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, m
     assert first["clip_ratio/low"] == 0.0 and first["clip_ratio/high"] == 0.0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SLOW_MERGE)
 def test_pitfall_24_ppo_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, mode):
+    """continue: critic from a reward model; merge: no reward model, so the critic starts from the
+    SFT adapter merged into its base (a CAUSAL_LM adapter dir, not a reward-model one)."""
     from posttrain.models.reward_model import reward_model_from_causal_lm
 
-    rm = tmp_path / "rm"
-    reward_model_from_causal_lm(make_tiny_llama(seed=7), tokenizer.pad_token_id).save_pretrained(rm)
-    tokenizer.save_pretrained(rm)
+    scoring: dict = {"reward_funcs": []}
+    if mode == "continue":
+        rm = tmp_path / "rm"
+        reward_model_from_causal_lm(make_tiny_llama(seed=7), tokenizer.pad_token_id).save_pretrained(rm)
+        tokenizer.save_pretrained(rm)
+        scoring = {"reward_model_path": str(rm)}
     _, prompts = generate(seed=17, n_train=0, n_eval=4)
-    cfg = PPOConfig(**_common(tmp_path, "ppo", sft_adapter[1], mode), reward_model_path=str(rm), kl_coef=0.5,
-                    kl_estimator="k3", per_device_train_batch_size=4, max_completion_length=6, num_ppo_epochs=1)
-    row = _rows(ppo(cfg, tokenizer=tokenizer, dataset=prompts).output_dir)[0]
+    cfg = PPOConfig(**_common(tmp_path, "ppo", sft_adapter[1], mode), **scoring, kl_coef=0.5, kl_estimator="k3",
+                    per_device_train_batch_size=4, max_completion_length=6, num_ppo_epochs=1)
+    row = _rows(ppo(cfg, tokenizer=tokenizer, dataset=prompts,
+                    reward_funcs=None if mode == "continue" else [even_ids]).output_dir)[0]
     assert row["objective/kl"] == 0.0 and row["objective/non_score_reward"] == 0.0
     assert row["val/ratio"] == 1.0 and row["policy/approxkl"] == 0.0 and row["policy/clipfrac"] == 0.0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SLOW_MERGE)
 def test_pitfall_24_online_dpo_from_an_sft_adapter(tmp_path, tokenizer, sft_adapter, mode):
     _, prompts = generate(seed=41, n_train=0, n_eval=4)
     cfg = OnlineDPOConfig(**_common(tmp_path, "odpo", sft_adapter[1], mode), beta=0.1, per_device_train_batch_size=4,
@@ -209,8 +218,8 @@ def test_pitfall_24_continue_saves_the_trained_adapter_only_and_chains_again(tmp
 
     base_dir, adapter = sft_adapter
     train, _ = generate_preferences(seed=17, n_train=8, n_eval=0)
-    first = dpo(DPOConfig(**_common(tmp_path, "dpo1", adapter, "continue"), per_device_train_batch_size=4,
-                          learning_rate=1e-2), tokenizer=tokenizer, dataset=train)
+    first = dpo(DPOConfig(**{**_common(tmp_path, "dpo1", adapter, "continue"), "learning_rate": 1e-2},
+                          per_device_train_batch_size=4), tokenizer=tokenizer, dataset=train)
     out = first.output_dir
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["base_model_name_or_path"] == str(base_dir)
@@ -236,8 +245,8 @@ def test_pitfall_24_merge_saves_an_adapter_on_the_merged_start_that_loads_and_ch
 
     _, adapter = sft_adapter
     train, _ = generate_preferences(seed=17, n_train=8, n_eval=0)
-    first = dpo(DPOConfig(**_common(tmp_path, "m1", adapter, "merge"), per_device_train_batch_size=4,
-                          learning_rate=1e-2), tokenizer=tokenizer, dataset=train)
+    first = dpo(DPOConfig(**{**_common(tmp_path, "m1", adapter, "merge"), "learning_rate": 1e-2},
+                          per_device_train_batch_size=4), tokenizer=tokenizer, dataset=train)
     out = first.output_dir
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["base_model_name_or_path"] == str(Path(adapter).resolve())

@@ -18,7 +18,14 @@ from posttrain.config import ConfigError
 from posttrain.demo.tasks import generate
 from posttrain.recipes.online_dpo import rank_pairs
 from tests.conftest import StopAfterCheckpoint, make_tiny_llama
-from tests.numerics import EXACT64_ABS, FLOAT64, assert_exact64, assert_state_dicts_exact64, tiny_llama_fp64
+from tests.numerics import (
+    EXACT64_ABS,
+    EXACT64_REL,
+    FLOAT64,
+    assert_exact64,
+    assert_state_dicts_exact64,
+    tiny_llama_fp64,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,20 +154,22 @@ def test_pitfall_15_sampler_uses_the_weights_after_each_step(tmp_path, tokenizer
         return backend
 
     monkeypatch.setattr(generation, "make_backend", recording_backend)
-    online_dpo(_cfg(tmp_path, "two", max_steps=2, temperature=1.0), model=make_tiny_llama(), tokenizer=tokenizer,
+    online_dpo(_cfg(tmp_path, "two", max_steps=2, temperature=1.0, **FLOAT64), model=tiny_llama_fp64(), tokenizer=tokenizer,
                dataset=prompts, reward_funcs=[id_sum])
     second = rollouts[1]
-    one_step = online_dpo(_cfg(tmp_path, "one", max_steps=1, temperature=1.0), model=make_tiny_llama(),
+    one_step = online_dpo(_cfg(tmp_path, "one", max_steps=1, temperature=1.0, **FLOAT64), model=tiny_llama_fp64(),
                           tokenizer=tokenizer, dataset=prompts, reward_funcs=[id_sum]).model
 
     def trainer_logps(model, p, c):
         with torch.no_grad():
             return LogProbModel(model.eval())(torch.tensor([p + c]))["logps"][0, len(p) - 1:]
 
-    fresh = make_tiny_llama()
+    fresh = tiny_llama_fp64()
     for p, c, sampled in zip(second.prompt_ids, second.completion_ids, second.sampler_logps):
-        assert torch.allclose(torch.tensor(sampled), trainer_logps(one_step, p, c), atol=1e-4)
-    drift = max((torch.tensor(s) - trainer_logps(fresh, p, c)).abs().max().item()
+        # the same weights: equal in real arithmetic, so float64 (tests/numerics.py)
+        torch.testing.assert_close(torch.tensor(sampled, dtype=torch.float64), trainer_logps(one_step, p, c),
+                                   rtol=EXACT64_REL, atol=EXACT64_ABS)
+    drift = max((torch.tensor(s, dtype=torch.float64) - trainer_logps(fresh, p, c)).abs().max().item()
                 for p, c, s in zip(second.prompt_ids, second.completion_ids, second.sampler_logps))
     assert drift > 1e-3
 

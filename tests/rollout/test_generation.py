@@ -18,14 +18,17 @@ from posttrain.rollout.generation import (
     resolve_stop_token_ids,
 )
 from tests.conftest import make_tiny_llama
+from tests.numerics import EXACT64_ABS, EXACT64_REL
 
-ATOL = 1e-4
+# The sampler (KV-cached decode) and the trainer (one full forward) compute the same log-probs in
+# real arithmetic: compared in float64 (tolerances: tests/numerics.py).
+RTOL, ATOL = EXACT64_REL, EXACT64_ABS
 
 
 def sharp_llama(seed: int = 0):
     """The tiny random Llama with its (tied) embeddings scaled up, so next-token distributions are
-    peaked rather than near-uniform and log-prob mismatches are visible."""
-    model = make_tiny_llama(seed=seed)
+    peaked rather than near-uniform and log-prob mismatches are visible. float64 (see ATOL)."""
+    model = make_tiny_llama(seed=seed).double()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(20)
     return model
@@ -57,7 +60,7 @@ def assert_logps_match(model, rollout: Rollout, temperature=1.0):
     for p, c, lp in zip(rollout.prompt_ids, rollout.completion_ids, rollout.sampler_logps):
         assert len(c) == len(lp) >= 1
         expected = trainer_logps(model, p, c, temperature)
-        torch.testing.assert_close(torch.tensor(lp), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), expected, atol=ATOL, rtol=RTOL)
 
 
 PROMPTS = [[1, 504, 3101, 314, 253], [1, 77], [1, 900, 901, 902, 903, 904, 905, 906, 907]]
@@ -102,11 +105,11 @@ def test_top_k_top_p_logps_are_the_truncated_distribution(tokenizer):
     )
     for p, c, lp in zip(rollout.prompt_ids, rollout.completion_ids, rollout.sampler_logps):
         with torch.no_grad():
-            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float() / temp
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / temp
         top = logits.topk(k, dim=-1)
         kept = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
         expected = torch.log_softmax(kept, -1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
-        torch.testing.assert_close(torch.tensor(lp), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), expected, atol=ATOL, rtol=RTOL)
         assert all(tok in row for tok, row in zip(c, top.indices.tolist()))
 
 
@@ -136,9 +139,10 @@ def test_two_eos_ids_in_generation_config_both_stop(tokenizer):
     assert stopped.completion_ids == [u0[: u0.index(a) + 1], u1[: u1.index(b) + 1]]
     assert stopped.truncated == [False, False]
     # a stopped row leaves the batch, so the other row's forward runs at another batch size:
-    # the same ids, log-probs equal up to fp32 rounding
+    # the same ids, log-probs equal up to rounding
     for got, want, n in zip(stopped.sampler_logps, free.sampler_logps, (u0.index(a) + 1, u1.index(b) + 1)):
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want[:n]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want[:n], dtype=torch.float64),
+                                   atol=ATOL, rtol=RTOL)
 
 
 def test_stop_token_argument_and_texts(tokenizer):

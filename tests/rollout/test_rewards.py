@@ -110,7 +110,7 @@ def test_reward_model_path_is_loaded_lazily(monkeypatch, tmp_path):
 
     made = []
     monkeypatch.setattr(
-        rewards, "_reward_model", lambda path: made.append(path) or (lambda p, c, **k: [0.0] * len(c))
+        rewards, "_reward_model", lambda path, model_kwargs=None: made.append(path) or (lambda p, c, **k: [0.0] * len(c))
     )
     fns = load_reward_functions(["format", str(tmp_path)], reward_model_path="rm-dir")
     assert len(fns) == 3 and made == [str(tmp_path), "rm-dir"]

@@ -135,10 +135,7 @@ class TrainingSession:
             raise NonFiniteLossError(f"step {step + 1}: loss {loss.item()} / grad norm {grad_norm} is not finite; "
                                      f"the update was not applied and the run stopped{where}{hint}")
         lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
-        self.optimizer.step()  # fp16: skipped on overflow, and the scaler lowers its scale
-        if self.accelerator.optimizer_step_was_skipped:
-            self.fp16_skipped_steps += 1  # as HF Trainer: no update, no schedule step, training goes on
-        else:
+        if not self.optimizer_step():  # fp16 overflow (as HF Trainer): no update, no schedule step, go on
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         took = self.timer.stop()
@@ -183,6 +180,17 @@ class TrainingSession:
             self.stopped_early = True
             return True
         return False
+
+    def optimizer_step(self) -> bool:
+        """Step the optimizer; True when fp16's gradient scaler skipped it for overflow (it then
+        lowers its scale: that back-off is the test, since a fused AdamW always runs its step, skipping
+        inside, which accelerate's optimizer_step_was_skipped does not see)."""
+        scaler = self.accelerator.scaler
+        scale = scaler.get_scale() if scaler is not None else None
+        self.optimizer.step()
+        skipped = scaler is not None and scaler.get_scale() < scale
+        self.fp16_skipped_steps += int(skipped)
+        return skipped
 
     def _fp16_metrics(self) -> dict[str, float]:
         """fp16 only: the scaler's current scale and the steps skipped for overflow so far (this process's

@@ -10,9 +10,8 @@ def build_accelerator(*, mixed_precision: str, report_to: list[str], output_dir:
     engine/precision.resolve_precision. Gradient accumulation is done by the recipe (with a loss
     normaliser over the whole optimizer step), so accelerate's own accumulation stays at 1."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed_precision):

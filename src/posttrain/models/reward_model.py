@@ -223,11 +223,12 @@ class RewardScorer(nn.Module):
         hidden = out.last_hidden_state
         idx = last_token_index(attention_mask, seq_lens).to(hidden.device)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+        score_dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 scores (fp64 stays fp64)
         if type(head) is nn.Linear:  # fp32 head (also under bf16 autocast): scores are fp32
             with torch.autocast(h.device.type, enabled=False):
-                bias = None if head.bias is None else head.bias.float()
-                return F.linear(h.float(), head.weight.float(), bias).squeeze(-1)
-        return head(h).float().squeeze(-1)  # e.g. peft's ModulesToSaveWrapper
+                bias = None if head.bias is None else head.bias.to(score_dtype)
+                return F.linear(h.to(score_dtype), head.weight.to(score_dtype), bias).squeeze(-1)
+        return head(h).to(score_dtype).squeeze(-1)  # e.g. peft's ModulesToSaveWrapper
 
 
 def _default_device() -> torch.device:

@@ -143,6 +143,17 @@ def load_value_model(config, *, policy_model: nn.Module | None, tokenizer, log=p
     if source is None and policy_model is not None:
         model = reward_model_from_causal_lm(policy_model, pad)
         log("critic: separate value model from the starting policy's weights (fresh value head)")
+    elif source is None and _is_causal_lm_adapter(config.model_name_or_path):
+        # a chained LoRA stage (sft --use_peft → ppo): the critic starts from the SFT policy's
+        # weights, i.e. base + adapter merged, with a fresh value head
+        from posttrain.models.loading import load_causal_lm
+
+        start = load_causal_lm(config.model_name_or_path, dtype=config.dtype,
+                               attn_implementation=config.attn_implementation,
+                               trust_remote_code=config.trust_remote_code).merge_and_unload()
+        model = reward_model_from_causal_lm(start, pad)
+        del start
+        log("critic: separate value model from the starting adapter merged into its base (fresh value head)")
     else:
         source = source if source is not None else config.model_name_or_path
         model = load_reward_model(source, **model_load_kwargs(config, source),
@@ -151,6 +162,15 @@ def load_value_model(config, *, policy_model: nn.Module | None, tokenizer, log=p
             model = model.merge_and_unload()  # a LoRA reward model: the critic trains on the merged weights
         log(f"critic: separate value model initialised from {source or 'the embedded default'}")
     return ValueModel(prepare_reward_model_for_training(config, model, tokenizer, log))
+
+
+def _is_causal_lm_adapter(path: str | None) -> bool:
+    import json
+    from pathlib import Path
+
+    if path is None or not (Path(path) / "adapter_config.json").exists() or (Path(path) / "config.json").exists():
+        return False
+    return json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type") == "CAUSAL_LM"
 
 
 def value_head_for(policy_model: nn.Module) -> ValueHead:

@@ -115,8 +115,8 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
     losses in `config.loss_type`. `ref_model` overrides the reference (separate weights)."""
     from posttrain.data.preference_collate import collate_preference
     from posttrain.data.preference_loading import load_preference_data
-    from posttrain.losses.preference import REFERENCE_FREE_LOSSES, get_preference_loss
     from posttrain.engine.precision import autocast_reference
+    from posttrain.losses.preference import REFERENCE_FREE_LOSSES, get_preference_loss
     from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, check_packing_support
     from posttrain.models.reference import ReferencePolicy, build_reference, weights_fingerprint

@@ -138,14 +138,14 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     """The group-sampling loop shared by GRPO (`method="grpo"`: group-normalised advantages, KL
     as a per-token loss term or, with --kl_in reward, in the reward) and RLOO (`method="rloo"`:
     KL folded into the reward, leave-one-out baseline)."""
+    from posttrain.engine.precision import autocast_reference
     from posttrain.losses.advantages import group_advantages, rloo_advantages
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import aggregate_policy_loss, clipped_policy_loss
     from posttrain.losses.reductions import masked_sum
-    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.dropout import eval_mode
     from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel
-    from posttrain.models.dropout import eval_mode
     from posttrain.models.reference import build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
     from posttrain.rollout.generation import make_backend, rollout_seeds

@@ -67,11 +67,11 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
     unpaired: chosen = desirable, rejected = undesirable)."""
     from posttrain.data.preference_collate import collate_unpaired
     from posttrain.data.preference_loading import load_preference_data
-    from posttrain.losses.kto import kto_loss
     from posttrain.engine.precision import autocast_reference
+    from posttrain.losses.kto import kto_loss
+    from posttrain.models.dropout import eval_mode
     from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, check_packing_support
-    from posttrain.models.dropout import eval_mode
     from posttrain.models.reference import ReferencePolicy, build_reference
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer
 

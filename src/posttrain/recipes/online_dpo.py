@@ -119,9 +119,9 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     ranked by `reward_funcs` (callables `fn(prompts, completions, **columns) -> list[float]`) plus
     those named in config.reward_funcs / config.reward_model_path. `ref_model` overrides the
     reference (separate weights); default: the starting policy (LoRA: the adapter disabled)."""
+    from posttrain.engine.precision import autocast_reference
     from posttrain.losses.preference import get_preference_loss
     from posttrain.losses.reductions import masked_sum
-    from posttrain.engine.precision import autocast_reference
     from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, SharedPrefix
     from posttrain.models.reference import ReferencePolicy, build_reference

@@ -170,8 +170,7 @@ def _optimizer_update(run: TrainingSession, step: int, update: int) -> None:
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"step {step + 1}, update {update + 1}: grad norm {grad_norm} is not finite; "
                                  "the update was not applied and the run stopped")
-    run.optimizer.step()
-    run.fp16_skipped_steps += int(run.accelerator.optimizer_step_was_skipped)
+    run.optimizer_step()  # fp16: an overflowing update is skipped (counted in fp16/skipped_steps)
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -179,14 +178,14 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
     """Train `model` (default: config.model_name_or_path) with PPO on the prompts of `dataset`
     (default: config.dataset_name), scored by config.reward_model_path and/or reward functions
     (callables `fn(prompts, completions, **columns) -> list[float]`, plus config.reward_funcs)."""
+    from posttrain.engine.precision import autocast_reference
     from posttrain.losses.advantages import gae, kl_penalized_rewards
     from posttrain.losses.kl import kl_estimate
     from posttrain.losses.policy_gradient import clipped_policy_loss, explained_variance, value_loss
     from posttrain.losses.reductions import aggregate_token_loss, masked_sum
-    from posttrain.engine.precision import autocast_reference
+    from posttrain.models.dropout import eval_mode
     from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel
-    from posttrain.models.dropout import eval_mode
     from posttrain.models.reference import build_reference
     from posttrain.models.saving import save_pretrained_model
     from posttrain.models.setup import prepare_model_for_training, resolve_tokenizer

@@ -340,14 +340,15 @@ class HFGenerationBackend:
         stop = torch.tensor(stop_ids, device=device)
         rows = logits.shape[0]
         tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
-        logps = torch.zeros((rows, max_new), dtype=torch.float32, device=device)
+        score_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        logps = torch.zeros((rows, max_new), dtype=score_dtype, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         live = torch.arange(rows, device=device)  # which original row each batch row is
         # per-prompt seeds: prompt k's G rows draw from their own stream (pitfall 27)
         streams = None if seeds is None else [torch.Generator(device).manual_seed(int(x)) for x in seeds]
         for t in range(max_new):
-            scores = logits.float()
+            scores = logits.to(score_dtype)
             for warp in warpers:
                 scores = warp(None, scores)  # transformers' warpers ignore input_ids
             # the sampler's own distribution, recorded for every sampled token (Rollout.sampler_logps)
