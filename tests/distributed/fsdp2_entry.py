@@ -1,11 +1,16 @@
 """`python -m tests.distributed.fsdp2_entry <command> ...` under torchrun: the posttrain CLI with
 the prepared module sharded by torch's FSDP2 (`fully_shard` on each decoder layer, then the
 root), as accelerate's FSDP2 plugin does on GPUs — which accelerate ignores on CPU (the
-run stays MULTI_CPU), so the CPU test applies it here. The final save gathers the full state dict
-on every rank (torch.distributed.checkpoint) and rank 0 writes model.safetensors."""
+run stays MULTI_CPU), so the CPU test applies it here. Saving is posttrain's own code path (it
+gathers a sharded model's full state dict on every rank; rank 0 writes).
+
+With $POSTTRAIN_TEST_GATHER_LOG set, every rollout appends to <that path>.<rank> one JSON line:
+the FSDP2 all-gathers it ran and the number of FSDP2 parameter groups (pitfall 28: one each)."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import torch
@@ -36,24 +41,53 @@ def _prepare_sharded(self, module, optimizer, scheduler):
     return module, self.prepare_optimizer(optimizer), self.prepare_scheduler(scheduler)
 
 
-def _save_full(self, model, tokenizer, **kwargs):
-    from safetensors.torch import save_file
+def _save_state_dcp(self, output_dir=None, **kwargs):
+    """A checkpoint's training_state/ as accelerate's FSDP2 plugin writes it (torch.distributed.checkpoint,
+    every rank its shards); accelerate's MULTI_CPU save_state cannot serialise DTensors. Resume
+    under FSDP2 is not tested here (docs/distributed.md)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    # full_tensor() is a collective: every rank gathers, in the same (state dict) order
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
-             for k, v in model.state_dict().items()}
-    if self.accelerator.is_main_process:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        state.pop("lm_head.weight", None)  # tied to the embeddings (as save_pretrained drops it)
-        save_file(state, self.output_dir / "model.safetensors")
-    self.accelerator.wait_for_everyone()
+    model_state, optim_state = get_state_dict(self._models[0], self._optimizers[0].optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=output_dir)
+
+
+def _count_gathers():
+    """Count FSDP2's all-gathers (each is one parameter group's unshard) and log them per rollout."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from posttrain.rollout.generation import HFGenerationBackend
+
+    count = [0]
+    all_gather = _fsdp_param_group.foreach_all_gather
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return all_gather(*args, **kwargs)
+
+    _fsdp_param_group.foreach_all_gather = counted
+    generate = HFGenerationBackend.generate
+
+    def logged(self, *args, **kwargs):
+        before = count[0]
+        rollout = generate(self, *args, **kwargs)
+        groups = sum(len(m._get_fsdp_state()._fsdp_param_groups) for m in self.root.modules()
+                     if isinstance(m, FSDPModule))
+        with open(f"{os.environ['POSTTRAIN_TEST_GATHER_LOG']}.{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(json.dumps({"all_gathers": count[0] - before, "groups": groups,
+                                "tokens": sum(rollout.completion_lengths)}) + "\n")
+        return rollout
+
+    HFGenerationBackend.generate = logged
 
 
 if __name__ == "__main__":
     from posttrain.cli import main
-    from posttrain.engine.session import TrainingSession
 
     Accelerator.prepare = _prepare_sharded
-    TrainingSession.save_model = _save_full
+    Accelerator.save_state = _save_state_dcp
+    if os.environ.get("POSTTRAIN_TEST_GATHER_LOG"):
+        _count_gathers()
     torch.manual_seed(0)
     sys.exit(main(sys.argv[1:]))

@@ -31,17 +31,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.numerics import EXACT64_ABS, EXACT64_REL
+
 REPO = Path(__file__).resolve().parents[2]
 
-# The compared runs do the same fp32 arithmetic per micro-batch; they differ in the order of a few
-# sums (2 micro-batches' gradients, DDP's all-reduce, an online recipe's differently padded
-# sampling batch). A sum of n fp32 terms reordered moves by <= n * 2^-24 relative to the sum of
-# magnitudes; n = 2 micro-batches x a 16 x safety factor for cancellation in the total.
-REL = 32 * 2.0**-24  # ~1.9e-6
-# Weights after 2 AdamW steps at lr 1e-3: an update lr * m / (sqrt(v) + eps) moves by at most
-# lr * (the gradient's relative error) per step, plus one fp32 rounding of the weight per step.
+# Every compared run is in float64 (FLOAT64 in each case's options): 1 process x 2 micro-batches
+# and 2 processes differ only in the order of sums (the micro-batches' gradients, DDP's all-reduce,
+# FSDP2's reduce-scatter and its grad norm over shards, a differently padded sampling batch), which
+# is exact in real arithmetic; tests/numerics.py derives EXACT64_REL / EXACT64_ABS for that.
+REL, ABS = EXACT64_REL, EXACT64_ABS
 LR = 1e-3
-WEIGHT_ATOL, WEIGHT_RTOL = 2 * LR * REL, 2 * 2.0**-24
+WEIGHT_ATOL, WEIGHT_RTOL = EXACT64_ABS, EXACT64_REL
+# the options that make a CLI run float64 with no autocast, whatever the CPU
+FLOAT64_OPTIONS = {"dtype": "float64", "bf16": "false"}
 
 
 def free_port() -> int:
@@ -88,21 +90,14 @@ def metrics(out: Path) -> list[dict]:
 NOT_COMPARED = {"tokens_per_second", "elapsed_seconds", "step", "epoch", "learning_rate"}
 
 
-# A gradient norm computed over shards (FSDP2) sums each parameter's m squares in another blocking:
-# a reordered fp32 sum drifts like sqrt(m) * 2^-24 (random rounding); m <= 49152 x 32 (the tied
-# embedding), x 4 for safety: ~3e-4.
-SHARDED_NORM_REL = 4 * (49152 * 32) ** 0.5 * 2.0**-24
-
-
-def assert_same_row(a: dict, b: dict, loose: dict | None = None) -> None:
+def assert_same_row(a: dict, b: dict) -> None:
     assert set(a) == set(b), set(a) ^ set(b)
     for key in sorted(set(a) - NOT_COMPARED):
         x, y = a[key], b[key]
         if isinstance(x, float) and x != x:  # NaN (e.g. a reward that applied to nothing)
             assert y != y, key
             continue
-        scale = max(abs(x), abs(y), 1e-3)  # near-zero metrics (e.g. a mean advantage): absolute
-        assert abs(x - y) <= (loose or {}).get(key, REL) * scale, (key, x, y)
+        assert abs(x - y) <= REL * max(abs(x), abs(y)) + ABS, (key, x, y)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from posttrain.demo.tasks import generate
+from tests.numerics import assert_exact64, assert_state_dicts_exact64
+
+FLOAT64 = {"dtype": "float64", "bf16": "false"}
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,30 +44,30 @@ def _sft_args(model_dir, data, out, **kw):
 
 
 def test_two_process_gloo_matches_one_process(tmp_path, tiny_model_dir, chat_file):
-    """2 processes x batch 4 == 1 process x batch 4 x 2 accumulation: same loss, grad norm, weights."""
+    """2 processes x batch 4 == 1 process x batch 4 x 2 accumulation: same loss, grad norm, weights
+    (in float64: an identity). Every recipe: tests/distributed (slow)."""
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "posttrain.cli", "sft",
                     *_sft_args(tiny_model_dir, chat_file, one, per_device_train_batch_size=4,
-                               gradient_accumulation_steps=2)],
+                               gradient_accumulation_steps=2, **FLOAT64)],
                    check=True, env=_env(), cwd=REPO, capture_output=True)
     two = tmp_path / "two"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "posttrain.cli", "sft",
               *_sft_args(tiny_model_dir, chat_file, two, per_device_train_batch_size=4,
-                         gradient_accumulation_steps=1)]
+                         gradient_accumulation_steps=1, **FLOAT64)]
     # torchrun under accelerate; ACCELERATE_USE_CPU makes each rank a CPU process joined over gloo.
     proc = subprocess.run(launch, env={**_env(), "ACCELERATE_USE_CPU": "true"}, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stdout + proc.stderr
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(m1, m2, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for a, b in zip(m1, m2, strict=True):  # float64: tolerances in tests/numerics.py
+        assert_exact64(a["loss"], b["loss"], "loss")
+        assert_exact64(a["grad_norm"], b["grad_norm"], "grad_norm")
         assert a["num_tokens"] == b["num_tokens"]
-    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    assert_state_dicts_exact64(load_file(one / "model.safetensors"), load_file(two / "model.safetensors"))
 
 
 def test_sigterm_saves_checkpoint_then_resume_completes(tmp_path, tiny_model_dir, chat_file):

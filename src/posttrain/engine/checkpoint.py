@@ -78,7 +78,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
 
     `tensors`: this process's recipe tensors that must survive a resume (nested dicts/lists of
     tensors and numbers), one file per process, inside the same atomic rename. `write_model(dir)`
-    writes the loadable model files into the checkpoint dir (main process only), before the rename."""
+    writes the loadable model files into the checkpoint dir before the rename; it is called on every
+    process (a sharded model is gathered collectively) and must write on the main one only."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -90,9 +91,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     if tensors:
         torch.save(tensors, _tensors_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
+    if write_model is not None:
+        write_model(tmp)
     if accelerator.is_main_process:
-        if write_model is not None:
-            write_model(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         if final.exists():
             shutil.rmtree(final)

@@ -18,7 +18,7 @@ def rows_everywhere(accelerator, t: Tensor) -> Tensor:
     tensor is padded with 0 (mask it) to the widest process's C. Returned on the CPU, same dtype."""
     if accelerator.num_processes == 1:
         return t
-    moved = t.float().to(accelerator.device)  # gloo gathers no bool
+    moved = (t if t.is_floating_point() else t.float()).to(accelerator.device)  # gloo gathers no bool
     if t.dim() > 1:
         moved = accelerator.pad_across_processes(moved, dim=1, pad_index=0)
     return accelerator.gather(moved).cpu().to(t.dtype)

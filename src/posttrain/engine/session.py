@@ -124,7 +124,7 @@ class TrainingSession:
         schedule, log, checkpoint. `loss` is this process's share of the step loss (summed over
         processes here); `metrics` are already global. Returns True when the run must stop."""
         cfg = self.config
-        loss = self.accelerator.reduce(loss.detach().float(), "sum")
+        loss = self.accelerator.reduce(loss.detach().double(), "sum")  # fp64: a float64 run keeps its bits
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))  # fp16: unscales first
         scaler = self.accelerator.scaler  # fp16 only: an overflowing gradient is the scaler's to skip
@@ -209,14 +209,23 @@ class TrainingSession:
         self._checkpoint_models = (model, tokenizer, dict(extra or {}))
 
     def _write_checkpoint_model(self, directory: Path) -> None:
-        from posttrain.models.saving import write_pretrained_files
+        """Called on every process: a sharded model's full weights are gathered collectively
+        (full_state_dict); the main process writes."""
+        from posttrain.models.saving import full_state_dict, write_pretrained_files
 
         model, tokenizer, extra = self._checkpoint_models
-        write_pretrained_files(model, tokenizer, directory)
+        main = self.accelerator.is_main_process
+        state = full_state_dict(model)
+        if main:
+            write_pretrained_files(model, tokenizer, directory, state_dict=state)
         for sub, item in extra.items():
+            is_module = isinstance(item, torch.nn.Module)
+            state = full_state_dict(item) if is_module else None
+            if not main:
+                continue
             (directory / sub).mkdir(parents=True, exist_ok=True)
-            if isinstance(item, torch.nn.Module):
-                write_pretrained_files(item, tokenizer, directory / sub)
+            if is_module:
+                write_pretrained_files(item, tokenizer, directory / sub, state_dict=state)
             else:
                 item(directory / sub)
 
@@ -243,14 +252,16 @@ class TrainingSession:
 
     def save_model(self, model, tokenizer, *, merge_adapter: bool = False, extra_summary: dict | None = None) -> None:
         """Final model (HF format) + run_summary.json, unless the run was stopped early."""
-        from posttrain.models.saving import save_pretrained_model
+        from posttrain.models.saving import full_state_dict, save_pretrained_model
 
         if self.stopped_early:
             return
+        state = full_state_dict(model)  # FSDP2: gathered on every process (collective), None otherwise
         if self.accelerator.is_main_process:
-            save_pretrained_model(model, tokenizer, self.output_dir)
+            save_pretrained_model(model, tokenizer, self.output_dir, state_dict=state)
             if merge_adapter:
-                save_pretrained_model(model, tokenizer, self.output_dir / "merged", merge_adapter=True)
+                save_pretrained_model(model, tokenizer, self.output_dir / "merged", merge_adapter=True,
+                                      state_dict=state)
             summary = {"steps": self.total_steps - self.start_step, "train_seconds": self.timer.elapsed,
                        "num_tokens": self.num_tokens,
                        "tokens_per_second": self.num_tokens / max(self.timer.elapsed, 1e-9),

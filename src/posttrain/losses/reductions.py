@@ -112,3 +112,10 @@ def sequence_sums(
         0, seg, keep.reshape(-1).to(torch.long)
     )
     return sums, counts
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for metrics and sums; fp32 and fp64 unchanged (``.float()`` would cut a
+    float64 run's values to fp32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+

@@ -32,6 +32,7 @@ from posttrain.models.loading import (
     resolve_dtype,
     upcast_trainable_parameters,
 )
+from posttrain.models.logprobs import full_weight
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -225,9 +226,9 @@ class RewardScorer(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
         score_dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 scores (fp64 stays fp64)
         if type(head) is nn.Linear:  # fp32 head (also under bf16 autocast): scores are fp32
-            with torch.autocast(h.device.type, enabled=False):
-                bias = None if head.bias is None else head.bias.to(score_dtype)
-                return F.linear(h.to(score_dtype), head.weight.to(score_dtype), bias).squeeze(-1)
+            with torch.autocast(h.device.type, enabled=False):  # full_weight: a DTensor shard under FSDP2
+                bias = None if head.bias is None else full_weight(head.bias).to(score_dtype)
+                return F.linear(h.to(score_dtype), full_weight(head.weight).to(score_dtype), bias).squeeze(-1)
         return head(h).to(score_dtype).squeeze(-1)  # e.g. peft's ModulesToSaveWrapper
 
 

@@ -81,6 +81,7 @@ def save_pretrained_model(
     *,
     merge_adapter: bool = False,
     safe: bool = True,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write ``model`` (and ``tokenizer``, with its chat template — pitfall 5) to ``out_dir``.
 
@@ -89,6 +90,8 @@ def save_pretrained_model(
     the live model is left untouched, unmerged). Written into a temporary sibling directory and
     swapped in with renames, so a crash never leaves a half-written ``out_dir``; non-model files
     already in ``out_dir`` are kept. Returns ``out_dir``. Only safetensors are ever written.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered
+    :func:`full_state_dict`).
     """
     if not safe:
         raise ValueError("posttrain writes safetensors only (pickle checkpoints can run code on load)")
@@ -96,7 +99,7 @@ def save_pretrained_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write_pretrained_files(model, tokenizer, tmp, merge_adapter=merge_adapter)
+        write_pretrained_files(model, tokenizer, tmp, merge_adapter=merge_adapter, state_dict=state_dict)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,10 +107,37 @@ def save_pretrained_model(
     return out
 
 
-def write_pretrained_files(model: nn.Module, tokenizer, directory: Path, *, merge_adapter: bool = False) -> None:
-    """The files of :func:`save_pretrained_model`, written straight into ``directory`` (no
-    swap): for a caller that makes the whole directory atomic itself, e.g. a checkpoint."""
+def full_state_dict(model: nn.Module) -> dict | None:
+    """The whole weights of a model sharded by FSDP2 (DTensor parameters), gathered onto the main
+    process's CPU (other processes get {}); None for an unsharded model, which saves itself.
+    Collective: EVERY process must call it, in the same order (pitfall 28). A shard's own
+    state_dict() would write rank 0's slice of every matrix."""
     model = unwrap_model(model)
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied parameter (lm_head = embeddings) comes back as two gathered copies: make them one
+    # tensor again, so save_pretrained drops the tied name as it does for an unsharded model
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name and kept in state and name in state:
+            state[name] = state[kept]
+    return state
+
+
+def write_pretrained_files(model: nn.Module, tokenizer, directory: Path, *, merge_adapter: bool = False,
+                           state_dict: dict | None = None) -> None:
+    """The files of :func:`save_pretrained_model`, written straight into ``directory`` (no
+    swap): for a caller that makes the whole directory atomic itself, e.g. a checkpoint.
+    ``state_dict``: as in :func:`save_pretrained_model`."""
+    model = unwrap_model(model)
+    weights = {} if state_dict is None else {"state_dict": state_dict}
+    if weights and _is_peft(model) and merge_adapter:
+        raise NotImplementedError("merge_adapter of an FSDP2-sharded model: save the adapter, then merge it "
+                                  "unsharded (PeftModel.from_pretrained(base, dir).merge_and_unload())")
     config = getattr(model, "config", None)
     training_use_cache = getattr(config, "use_cache", None)
     if config is not None and training_use_cache is False:
@@ -119,9 +149,9 @@ def write_pretrained_files(model: nn.Module, tokenizer, directory: Path, *, merg
             del merged
         elif _is_peft(model):
             # the trained (active) adapter only: never the frozen reference copy beside it
-            model.save_pretrained(directory, selected_adapters=[model.active_adapter])
+            model.save_pretrained(directory, selected_adapters=[model.active_adapter], **weights)
         else:
-            model.save_pretrained(directory)
+            model.save_pretrained(directory, **weights)
     finally:
         if config is not None and training_use_cache is not None:
             config.use_cache = training_use_cache

@@ -21,16 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from posttrain.models.logprobs import LogProbModel
+from posttrain.losses.reductions import upcast
+from posttrain.models.logprobs import LogProbModel, full_weight
 
 
 def _linear_fp32(head: nn.Module, hidden: Tensor) -> Tensor:
     """``head(hidden)[..., 0]`` in fp32 (also under bf16 autocast): values are regression outputs."""
     if type(head) is nn.Linear:
-        with torch.autocast(hidden.device.type, enabled=False):
-            bias = None if head.bias is None else head.bias.float()
-            return F.linear(hidden.float(), head.weight.float(), bias)[..., 0]
-    return head(hidden).float()[..., 0]  # e.g. peft's ModulesToSaveWrapper around the score head
+        with torch.autocast(hidden.device.type, enabled=False):  # full_weight: a DTensor shard under FSDP2
+            dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32; a float64 run stays float64
+            bias = None if head.bias is None else full_weight(head.bias).to(dtype)
+            return F.linear(hidden.to(dtype), full_weight(head.weight).to(dtype), bias)[..., 0]
+    return upcast(head(hidden))[..., 0]  # e.g. peft's ModulesToSaveWrapper around the score head
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:

@@ -92,20 +92,22 @@ def _pair_losses(config: DPOConfig, policy_sums, policy_counts, ref_sums, bco_de
 
 def _pair_metrics(out, policy_sums, policy_counts) -> dict[str, torch.Tensor]:
     """Sums over the pairs of a micro-batch (divided by the pair count of the step later)."""
+    from posttrain.losses.reductions import upcast
+
     b = policy_sums.shape[0] // 2
-    chosen_r, rejected_r = out.chosen_rewards.float(), out.rejected_rewards.float()
+    chosen_r, rejected_r = upcast(out.chosen_rewards), upcast(out.rejected_rewards)
     metrics = {
         "rewards/chosen": chosen_r.sum(),
         "rewards/rejected": rejected_r.sum(),
         "rewards/margins": (chosen_r - rejected_r).sum(),
         # ties count half, so an untrained policy (all rewards 0) reads 0.5 = chance, not 0
         "rewards/accuracies": ((chosen_r > rejected_r).float() + 0.5 * (chosen_r == rejected_r).float()).sum(),
-        "logps/chosen": policy_sums[:b].detach().float().sum(),
-        "logps/rejected": policy_sums[b:].detach().float().sum(),
+        "logps/chosen": upcast(policy_sums[:b].detach()).sum(),
+        "logps/rejected": upcast(policy_sums[b:].detach()).sum(),
     }
     if len(out.per_type) > 1:
         for name, values in out.per_type.items():
-            metrics[f"loss/{name}"] = values.detach().float().sum()
+            metrics[f"loss/{name}"] = upcast(values.detach()).sum()
     return metrics
 
 
@@ -231,7 +233,7 @@ def dpo(config: DPOConfig, model=None, tokenizer=None, dataset=None, eval_datase
                     out = _pair_losses(config, sums, counts, ref, bco_delta)
                     loss = out.losses.sum() / step_pairs * run.world_size
                     run.backward(loss)
-                step_loss += loss.detach() / run.world_size
+                step_loss = step_loss + loss.detach() / run.world_size  # not +=: keeps a float64 run in float64
                 for key, value in _pair_metrics(out, sums, counts).items():
                     sums_of[key] = sums_of.get(key, 0.0) + value
                 step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()

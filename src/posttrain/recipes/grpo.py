@@ -177,7 +177,9 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
     else:
         log("reference: none (--beta 0: no KL term, no reference model loaded)")
     autocast_reference(reference, accelerator)  # the policy's autocast: KL 0 exactly at the start
-    backend = make_backend(config.generation_backend, model, tokenizer, stop_tokens=config.stop_token or [])
+    # given the LogProbModel (the module accelerate prepares): under FSDP2 it is the root whose
+    # shards the sampler gathers once per rollout (pitfall 28)
+    backend = make_backend(config.generation_backend, policy, tokenizer, stop_tokens=config.stop_token or [])
 
     plan = BatchPlan(units=[[i] for i in range(len(prompts))], micro_batch_size=prompts_per_process,
                      accumulation=1, world_size=accelerator.num_processes, seed=config.seed)
@@ -311,7 +313,7 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
                     else:
                         loss = loss * run.world_size  # a global normaliser; DDP averages gradients
                     run.backward(loss)
-                step_loss += loss.detach() / run.world_size
+                step_loss = step_loss + loss.detach() / run.world_size  # not +=: keeps a float64 run in float64
                 sums["entropy"] += float(masked_sum(out["entropy"], mask))
                 sums["clip_ratio/low"] += float((stats["clipped_low"].float() * mask).sum())
                 sums["clip_ratio/high"] += float((stats["clipped_high"].float() * mask).sum())
@@ -324,7 +326,7 @@ def train_on_groups(config: GRPOConfig, method: str, model=None, tokenizer=None,
             if (step + 1) % config.num_iterations == 0:
                 run.extra_tensors.pop("rollout", None)  # its last pass: a checkpoint here need not carry it
             stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
-            backend.sync_weights(run.unwrapped().model)  # the sampler uses the updated weights (pitfall 15)
+            backend.sync_weights(run.unwrapped())  # the sampler uses the updated weights (pitfall 15)
             if stop:
                 break
         trained = run.unwrapped().model

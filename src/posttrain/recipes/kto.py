@@ -206,7 +206,7 @@ def kto(config: KTOConfig, model=None, tokenizer=None, dataset=None, eval_datase
                                                undesirable_weight=config.undesirable_weight)
                     loss = losses.sum() / step_examples * run.world_size
                     run.backward(loss)
-                step_loss += loss.detach() / run.world_size
+                step_loss = step_loss + loss.detach() / run.world_size  # not +=: keeps a float64 run in float64
                 for key, value in example_metrics(rewards, batch["labels"], logps).items():
                     sums[key] = sums.get(key, 0.0) + value
                 step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -247,7 +247,7 @@ def _precompute(train, train_kl, held_out, eval_kl, reference, policy, collate, 
     for name, group in (("train", train), ("train_kl", train_kl), ("eval", held_out), ("eval_kl", eval_kl)):
         sums = []
         for s in range(0, len(group), config.per_device_eval_batch_size):
-            sums.append(ref_sums(collate(group[s:s + config.per_device_eval_batch_size]), policy).float().cpu())
+            sums.append(ref_sums(collate(group[s:s + config.per_device_eval_batch_size]), policy).cpu())
         out[name] = torch.cat(sums) if sums else torch.zeros(0)
     save_cached(path, out)
     log(f"reference log-probs: computed for {len(train) + len(held_out)} examples and their KL pairs, cached at {path}")

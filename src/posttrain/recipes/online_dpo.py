@@ -121,7 +121,7 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
     reference (separate weights); default: the starting policy (LoRA: the adapter disabled)."""
     from posttrain.engine.precision import autocast_reference
     from posttrain.losses.preference import get_preference_loss
-    from posttrain.losses.reductions import masked_sum
+    from posttrain.losses.reductions import masked_sum, upcast
     from posttrain.models.loading import load_causal_lm, model_load_kwargs
     from posttrain.models.logprobs import LogProbModel, SharedPrefix
     from posttrain.models.reference import ReferencePolicy, build_reference
@@ -152,7 +152,8 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
             load=lambda p: load_causal_lm(p, **model_load_kwargs(config, p)),
             chunk_size=config.logprob_chunk_size, device=device, log=log)
     autocast_reference(reference, accelerator)  # the policy's autocast: KL 0 exactly at the start
-    backend = make_backend(config.generation_backend, model, tokenizer, stop_tokens=config.stop_token or [])
+    # the sampler gets the LogProbModel root, so under FSDP2 it can unshard it once per rollout
+    backend = make_backend(config.generation_backend, policy, tokenizer, stop_tokens=config.stop_token or [])
 
     pairs_per_micro = config.per_device_train_batch_size
     # every prompt of the step on this process is sampled at once, then split into micro-batches
@@ -233,11 +234,11 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
                     weights = batch["pair_weights"]
                     loss = (pair.losses * weights).sum() / max(n_pairs, 1.0) * run.world_size
                     run.backward(loss)
-                step_loss += loss.detach() / run.world_size
-                detached = policy_sums.detach().float()
-                chosen_r, rejected_r = pair.chosen_rewards.float(), pair.rejected_rewards.float()
-                sums["objective/kl"] += float((detached - ref_sums.float()).sum())
-                sums["objective/entropy"] += float(masked_sum(out["entropy"].detach().float(), mask))
+                step_loss = step_loss + loss.detach() / run.world_size  # not +=: keeps a float64 run in float64
+                detached = upcast(policy_sums.detach())
+                chosen_r, rejected_r = upcast(pair.chosen_rewards), upcast(pair.rejected_rewards)
+                sums["objective/kl"] += float((detached - upcast(ref_sums)).sum())
+                sums["objective/entropy"] += float(masked_sum(upcast(out["entropy"].detach()), mask))
                 # implicit-reward metrics over the pairs the loss trains on (ties have weight 0)
                 sums["rewards/chosen"] += float((chosen_r * weights).sum())
                 sums["rewards/rejected"] += float((rejected_r * weights).sum())
@@ -264,7 +265,7 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
                 metrics[f"rewards/{name}/mean"] = run.global_sum(total) / count if count else math.nan
             metrics["beta"] = config.beta
             stop = run.finish_step(step, loss=step_loss, tokens=step_tokens, metrics=metrics)
-            backend.sync_weights(run.unwrapped().model)  # the sampler uses the updated weights (pitfall 15)
+            backend.sync_weights(run.unwrapped())  # the sampler uses the updated weights (pitfall 15)
             if stop:
                 break
         trained = run.unwrapped().model

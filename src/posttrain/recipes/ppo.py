@@ -265,7 +265,9 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
 
         n, width = len(rollout), max(rollout.completion_lengths)
         order = _shuffled(config.seed, step, 0, n)
-        fields = {k: torch.zeros(n, width) for k in ("old_logps", "ref_logps", "old_values", "entropy")}
+        # fp32 (a float64 run stays float64: the scorer's log-probs come in promote(dtype, fp32))
+        held = torch.promote_types(next(run.unwrapped().parameters()).dtype, torch.float32)
+        fields = {k: torch.zeros(n, width, dtype=held) for k in ("old_logps", "ref_logps", "old_values", "entropy")}
         mask = torch.zeros(n, width, dtype=torch.bool)
         scorer = run.unwrapped()
         for start in range(0, n, micro_size):  # the micro-batches of PPO epoch 0, in its order
@@ -285,7 +287,7 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
             index, valid = _completion_positions(p_ids, c_ids, width)
             for key, per_position in (("old_logps", out["logps"]), ("ref_logps", ref),
                                       ("old_values", out["values"]), ("entropy", out["entropy"])):
-                fields[key][rows] = _to_completion(per_position.float(), index, valid).cpu()
+                fields[key][rows] = _to_completion(per_position.to(held), index, valid).cpu()
             mask[rows] = valid
 
         kl = kl_estimate(fields["old_logps"], fields["ref_logps"], config.kl_estimator, mask=mask)
@@ -345,7 +347,7 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
                             vf = aggregate_token_loss(vf_per_token, mask, mode="token_mean", normalizer=n_tokens)
                             loss = (pg + config.vf_coef * vf) * run.world_size  # DDP averages gradients
                             run.backward(loss)
-                        step_loss += loss.detach() / run.world_size / updates
+                        step_loss = step_loss + loss.detach() / run.world_size / updates  # not +=: keeps a float64 run in float64
                         n_mask = float(mask.sum())
                         log_ratio = torch.where(mask, out["logps"].detach() - batch["old_logps"], 0.0)
                         sums["policy/approxkl"] += float(0.5 * (log_ratio ** 2).sum())

@@ -223,7 +223,7 @@ def reward(config: RewardConfig, model=None, tokenizer=None, dataset=None, eval_
                     # DDP averages gradients over processes; x world turns that back into the global sum.
                     loss = losses.sum() / step_pairs * run.world_size
                     run.backward(loss)
-                step_loss += loss.detach() / run.world_size
+                step_loss = step_loss + loss.detach() / run.world_size  # not +=: keeps a float64 run in float64
                 sums += _pair_sums(chosen, rejected)
                 step_tokens += b["tokens"]
             metrics = _pair_metrics(accelerator.reduce(sums, "sum"))

@@ -132,7 +132,7 @@ def sft(config: SFTConfig, model=None, tokenizer=None, dataset=None) -> SFTResul
                     # DDP averages gradients over processes; x world turns that back into the global sum.
                     loss = sft_nll_loss(out["logps"], mask, normalizer=step_targets) * run.world_size
                     run.backward(loss)
-                step_loss += loss.detach() / run.world_size
+                step_loss = step_loss + loss.detach() / run.world_size  # not +=: keeps a float64 run in float64
                 correct += (out["correct"].float() * mask).sum()
                 step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             accuracy = run.global_sum(correct) / max(step_targets, 1)

@@ -18,6 +18,7 @@ computing it until the longest one ends). Sampling reuses transformers' logits w
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -194,17 +195,53 @@ def resolve_stop_token_ids(model: nn.Module, tokenizer=None, extra: list[int] | 
 
 
 def gathered_for_generation(model: nn.Module):
-    """Under DeepSpeed ZeRO-3 every parameter is a partition, gathered by hooks around each
-    submodule's forward — per generated token. Gather them once for the whole rollout instead
-    (deepspeed.zero.GatheredParameters; pitfall 28). A no-op without ZeRO-3 parameters."""
+    """Sharded parameters gathered ONCE for a whole rollout, not per generated token (pitfall 28).
+
+    DeepSpeed ZeRO-3: every parameter is a partition, gathered by hooks around each submodule's
+    forward — per token; deepspeed.zero.GatheredParameters gathers them for the rollout instead.
+    FSDP2 (``fully_shard``): the sampler calls the causal LM, not the root module's forward, so
+    the root's own parameters (embeddings, tied lm_head, final norm) would stay DTensor shards and
+    each sharded layer would all-gather and free itself per token; :func:`fsdp2_unsharded` keeps
+    every FSDP2 module unsharded for the rollout. ``model`` must then be the FSDP2 root (e.g. the
+    prepared LogProbModel). A no-op for unsharded models."""
     from contextlib import nullcontext
 
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        return nullcontext()
-    import deepspeed  # only ZeRO-3 parameters carry ds_id, so deepspeed is installed
+    if partitioned:
+        import deepspeed  # only ZeRO-3 parameters carry ds_id, so deepspeed is installed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):  # DTensor: sharded by FSDP2
+        return fsdp2_unsharded(model)
+    return nullcontext()
+
+
+@contextmanager
+def fsdp2_unsharded(root: nn.Module):
+    """Every FSDP2 module under ``root`` (the root included) all-gathered once, kept whole through
+    any number of forwards, then resharded as before: ``unshard()`` each, with reshard-after-forward
+    off meanwhile (the documented switch for evaluation), and the settings restored after."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    if not isinstance(root, FSDPModule):
+        raise TypeError(f"{type(root).__name__} has FSDP2-sharded parameters but is not the FSDP2 root: pass the "
+                        "prepared (fully_shard-ed) module to the generation backend, not a submodule")
+    # The root must be lazily initialised first (its first forward would do it): the sampler's
+    # first call runs a layer directly, which would otherwise make that layer the root.
+    root._get_fsdp_state()._lazy_init()
+    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [(g, g.post_forward_mesh_info) for g in groups]  # what set_reshard_after_forward changes
+    try:
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        yield
+    finally:
+        for g, info in saved:
+            g.post_forward_mesh_info = info
+        for m in modules:
+            m.reshard()
 
 
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -218,7 +255,9 @@ class HFGenerationBackend:
     """Sampling with KV cache on the trained module itself: one prefill per prompt, its cache
     repeated for the group, finished completions dropped from the batch.
 
-    model: a HF causal LM, a peft model, or a LogProbModel / DDP wrapper (unwrapped).
+    model: a HF causal LM, a peft model, or a LogProbModel / DDP wrapper (unwrapped); kept as
+        given too, since sharded parameters are gathered from the outermost module (under FSDP2
+        the root: pass the prepared module).
     tokenizer: gives the pad id (left padding) and an eos id.
     stop_tokens: ``--stop_token`` values (strings of one token, or ids), stop on them too.
     batch_size: at most this many prompts per ``generate`` call (None: all at once).
@@ -227,7 +266,7 @@ class HFGenerationBackend:
     def __init__(
         self, model: nn.Module, tokenizer, *, stop_tokens: list[str | int] = (), batch_size: int | None = None
     ):
-        self.model = unwrap_for_generation(model)
+        self.root, self.model = model, unwrap_for_generation(model)
         self.tokenizer = tokenizer
         self.extra_stop_ids = stop_token_ids_from_strings(tokenizer, list(stop_tokens))
         if batch_size is not None and batch_size < 1:
@@ -237,7 +276,7 @@ class HFGenerationBackend:
     def sync_weights(self, model: nn.Module) -> None:
         """A no-op in effect: the backend generates with the trained module itself, so an optimizer
         step is seen at once. Re-points at ``model`` (unwrapped) in case a wrapper was passed."""
-        self.model = unwrap_for_generation(model)
+        self.root, self.model = model, unwrap_for_generation(model)
 
     def stop_token_ids(self, extra: list[int] = ()) -> list[int]:
         return resolve_stop_token_ids(self.model, self.tokenizer, list(self.extra_stop_ids) + list(extra))
@@ -277,7 +316,7 @@ class HFGenerationBackend:
         self.model.eval()  # no dropout while sampling; the train/eval state is restored below
         device = _device_of(self.model)
         try:
-            with (gathered_for_generation(self.model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            with (gathered_for_generation(self.root), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
                   torch.inference_mode()):
                 if seed is not None and not per_prompt:
                     torch.manual_seed(seed)
