@@ -188,12 +188,13 @@ def online_dpo(config: OnlineDPOConfig, model=None, tokenizer=None, dataset=None
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~has_eos).float()
         chosen, rejected, tied = rank_pairs(scores)
-        sums = {"objective/scores": float(scores.sum()),
-                "objective/scores_margin": float((scores[chosen] - scores[rejected]).sum()),
+        # summed in fp64, so how the step is split over processes does not show in the metrics
+        sums = {"objective/scores": float(scores.double().sum()),
+                "objective/scores_margin": float((scores[chosen] - scores[rejected]).double().sum()),
                 "objective/frac_tied_pairs": float(tied.sum()),
                 "val/contain_eos_token": float(has_eos.sum()),
                 "completions/mean_length": float(sum(rollout.completion_lengths))}
-        per_fn = {name: (float(values[scored.applicable[name]].sum()), float(scored.applicable[name].sum()))
+        per_fn = {name: (float(values[scored.applicable[name]].double().sum()), float(scored.applicable[name].sum()))
                   for name, values in scored.per_fn.items()}
         micro_batches = []
         for start in range(0, len(examples), pairs_per_micro):

@@ -301,7 +301,7 @@ def ppo(config: PPOConfig, model=None, tokenizer=None, dataset=None, reward_func
         seq_kl = (kl * mask).sum(1)
         non_score = -config.kl_coef * seq_kl
         count = run.global_sum(n)
-        sums = {"objective/scores": scores.sum(), "objective/kl": seq_kl.sum(),
+        sums = {"objective/scores": scores.double().sum(), "objective/kl": seq_kl.sum(),
                 "objective/non_score_reward": non_score.sum(), "objective/rlhf_reward": (scores + non_score).sum(),
                 "objective/entropy": masked_sum(fields["entropy"], mask),
                 "completions/mean_length": mask.sum(), "completions/clipped_ratio": truncated.sum()}
