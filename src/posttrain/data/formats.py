@@ -91,7 +91,7 @@ def detect_format(rows: list[dict], source: str) -> DataFormat:
 
     Raises DataValidationError (a ValueError) naming the columns found when none fits.
     """
-    from posttrain.data.validation import DataValidationError  # validation imports this module
+    from posttrain.data.errors import DataValidationError
 
     columns: dict[str, None] = {}
     for r in rows:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.data.validation import DataValidationError, RowError
+from posttrain.data.errors import DataValidationError, RowError
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 

@@ -7,16 +7,15 @@ compute is spent. Nested fields are named like ``messages[2].role``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from posttrain.data.errors import MAX_SHOWN_ERRORS, DataValidationError, RowError  # noqa: F401 (re-exported)
 from posttrain.data.formats import SHAREGPT_ROLES, DataFormat, messages_field
 
 if TYPE_CHECKING:
     from posttrain.data.loading import LoadedRows
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool")
-MAX_SHOWN_ERRORS = 20
 
 # Which formats each kind of training accepts.
 KIND_FORMATS = {
@@ -41,42 +40,6 @@ KIND_FORMATS = {
 KIND_ALIASES = {"reward": "preference", "dpo": "preference", "kto": "unpaired"}
 
 
-@dataclass(frozen=True)
-class RowError:
-    source: str
-    row: int
-    field: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.row}: {self.field}: {self.problem}"
-
-
-class DataValidationError(ValueError):
-    """Raised with every RowError found; str() shows the count and the first 20.
-
-    Problems with the data as a whole (no such file, unknown columns, a format that does not
-    suit the method) carry a ``message`` and no row errors, so the CLI prints them the same way.
-    """
-
-    def __init__(self, errors: list[RowError] = (), message: str | None = None):
-        self.errors = list(errors)
-        self.message = message
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        if self.message is not None:
-            return self.message
-        n = len(self.errors)
-        rows = len({(e.source, e.row) for e in self.errors})
-        lines = [f"{n} data error{'s' if n != 1 else ''} in {rows} row{'s' if rows != 1 else ''}:"]
-        lines += [f"  {e}" for e in self.errors[:MAX_SHOWN_ERRORS]]
-        if n > MAX_SHOWN_ERRORS:
-            lines.append(f"  ... and {n - MAX_SHOWN_ERRORS} more (run `posttrain validate` to see all)")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._render()
 
 
 def _tname(value) -> str:
@@ -230,7 +193,7 @@ def _check_preference(row: dict, out: list, need) -> None:
         out.append(("rejected", "identical to chosen (the pair carries no preference)"))
     elif ok and not has_prompt:
         # Implicit prompt: chosen and rejected must share it.
-        from posttrain.data.preference import PromptSplitError, split_pair
+        from posttrain.data.prompt_split import PromptSplitError, split_pair
 
         try:
             split_pair(row)

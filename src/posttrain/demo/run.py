@@ -117,7 +117,7 @@ def results_table(result) -> tuple[list[dict[str, Any]], str]:
 def main(argv: list[str]) -> int:
     import yaml
 
-    from posttrain.cli import parse_config
+    from posttrain.commands import parse_config
     from posttrain.pipeline import run_pipeline
 
     args = parse_config(DemoArgs, argv, prog="posttrain demo")

@@ -81,7 +81,7 @@ def _did_you_mean(name: str, valid: list[str]) -> str:
 
 def command_entry(command: str, where: str) -> tuple[str, type, str]:
     """(module name, config class, function name) of a TRAIN_COMMANDS entry."""
-    from posttrain.cli import TRAIN_COMMANDS
+    from posttrain.commands import TRAIN_COMMANDS
 
     if command not in TRAIN_COMMANDS:
         raise ConfigError(f"{where}: unknown command {command!r}" + _did_you_mean(command, list(TRAIN_COMMANDS)))
